@@ -1,0 +1,1 @@
+"""Training side (torch): models, losses, GTAN, the training loop and the pipeline."""
