@@ -96,17 +96,34 @@ def load(path, max_voxels: int = MAX_VOXELS) -> Volume:
         raise VolumeError(path, f"corrupt or truncated file ({_first_line(e)})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise VolumeError(path, f"not a NIfTI image ({type(img).__name__})")
+    _check_data_size(path, img)
     return from_image(img, path, max_voxels=max_voxels)
+
+
+GZIP_MAX_RATIO = 1100
+"""Deflate cannot expand data by more than ~1032x, so a .nii.gz of N bytes holds at most this * N."""
+
+
+def _check_data_size(path: Path, img) -> None:
+    """Refuse a header that claims more voxel data than the file can hold, before nibabel
+    allocates a buffer of the claimed size (a 100-byte file must not cost gigabytes)."""
+    n_bytes = int(np.prod(img.shape, dtype=np.float64)) * img.header.get_data_dtype().itemsize
+    size = path.stat().st_size
+    if path.name.endswith(".gz"):
+        if n_bytes > GZIP_MAX_RATIO * size:
+            raise VolumeError(path, f"header claims {n_bytes:,} bytes of voxels, more than a {size:,}-byte gzip holds")
+    elif size < int(img.header.get_data_offset()) + n_bytes:
+        raise VolumeError(path, f"truncated: header claims {n_bytes:,} bytes of voxels, the file has {size:,} in all")
 
 
 def from_image(img, path="<image>", max_voxels: int = MAX_VOXELS) -> Volume:
     """Validate an in-memory nibabel image and turn it into a Volume."""
     notes: list[str] = []
     shape = tuple(int(s) for s in img.shape)
-    if len(shape) < 3 or sum(s > 1 for s in shape[:3]) < 3:
-        raise VolumeError(path, f"2-D image (shape {shape}); a 3-D volume is needed")
     if any(s == 0 for s in shape):
         raise VolumeError(path, f"zero-sized axis in shape {shape}")
+    if len(shape) < 3 or sum(s > 1 for s in shape[:3]) < 3:
+        raise VolumeError(path, f"2-D image (shape {shape}); a 3-D volume is needed")
     n_vox = int(np.prod(shape[:3], dtype=np.int64))
     if n_vox > max_voxels:
         raise VolumeError(
@@ -144,7 +161,9 @@ def is_oblique(affine: np.ndarray, tol: float = 1e-3) -> bool:
 def to_nifti(array: np.ndarray, affine: np.ndarray, header=None) -> nib.Nifti1Image:
     """A NIfTI image with the reference header's qform/sform codes and exactly `affine`."""
     img = nib.Nifti1Image(array, affine, header=header.copy() if header is not None else None)
-    if header is not None:
+    # A header that already describes `affine` is kept verbatim: recomputing its quaternion
+    # from the affine would add float noise to the qform of an input we mean to copy.
+    if header is not None and not np.array_equal(header.get_best_affine(), affine):
         qcode = int(header["qform_code"])
         scode = int(header["sform_code"])
         img.set_qform(affine, code=qcode)
@@ -247,7 +266,9 @@ def resample(
             src = ndimage.gaussian_filter(src, sigma=sigma, mode="nearest")
         order = 1
     out = np.empty(out_shape, dtype=dtype)
-    ndimage.affine_transform(src, step, output_shape=out_shape, output=out, order=order, mode="nearest", prefilter=False)
+    ndimage.affine_transform(
+        src, step, output_shape=out_shape, output=out, order=order, mode="nearest", prefilter=False
+    )
     return out
 
 
@@ -264,7 +285,7 @@ def scaled_affine(affine: np.ndarray, spacing, new_spacing) -> np.ndarray:
 def hu_window(array: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     """Clip to the HU window and scale to [0, 1] as float32."""
     lo, hi = window
-    out = np.clip(array, lo, hi, dtype=np.float32) if array.dtype == np.float32 else np.clip(array.astype(np.float32), lo, hi)
+    out = np.clip(array.astype(np.float32, copy=False), lo, hi)
     out -= lo
     out *= 1.0 / (hi - lo)
     return out
