@@ -2,3 +2,14 @@
 
 No torch at run time; only deploy.export imports it (lazily).
 """
+
+__all__ = ["Segmenter"]
+
+
+def __getattr__(name):
+    # Lazy, so that `import deploy.bundle` stays light; neither path imports torch.
+    if name == "Segmenter":
+        from deploy.segment import Segmenter
+
+        return Segmenter
+    raise AttributeError(f"module 'deploy' has no attribute {name!r}")

@@ -1,0 +1,137 @@
+"""`liverkd infer` end to end, as a user runs it (subprocess, real files, a real ONNX engine)."""
+
+import json
+import os
+import subprocess
+
+import nibabel as nib
+import numpy as np
+import pytest
+from _segment_bundle import make_bundle, nifti, synthetic_ct
+
+from deploy.segment import STAGES
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    return make_bundle(tmp_path_factory.mktemp("engines") / "student")
+
+
+def run(cmd, *args, cwd=None):
+    return subprocess.run([*cmd, "infer", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def write_ct(path, shape=(40, 36, 28), seed=0, **kw):
+    img = nifti(synthetic_ct(shape, seed=seed), **kw)
+    nib.save(img, path)
+    return path
+
+
+def assert_same_geometry(mask_path, image_path):
+    mask, img = nib.load(mask_path), nib.load(image_path)
+    assert mask.shape == img.shape[:3]
+    assert np.array_equal(mask.affine, img.affine)
+    assert mask.get_data_dtype() == np.uint8
+    for key in ("qform_code", "sform_code"):
+        assert int(mask.header[key]) == int(img.header[key])
+
+
+def test_default_names_beside_the_input_and_json_lines(liverkd_cmd, engine, tmp_path):
+    a = write_ct(tmp_path / "a.nii")
+    b = write_ct(tmp_path / "b.nii.gz", seed=1)
+    proc = run(liverkd_cmd, a, b, "--engine", engine, "--json")
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [d["input"] for d in lines] == [str(a), str(b)]
+    assert [d["output"] for d in lines] == [str(tmp_path / "a_liver.nii.gz"), str(tmp_path / "b_liver.nii.gz")]
+    for d, src in zip(lines, (a, b)):
+        assert list(d["timings"]) == list(STAGES) + ["total"]
+        assert d["liver_ml"] >= 0 and isinstance(d["warnings"], list)
+        assert_same_geometry(d["output"], src)
+    assert "2 of 2 volumes segmented" in proc.stderr
+
+
+def test_output_file_for_one_input(liverkd_cmd, engine, tmp_path):
+    src = write_ct(tmp_path / "ct.nii.gz")
+    out = tmp_path / "sub" / "mask.nii.gz"
+    out.parent.mkdir()
+    proc = run(liverkd_cmd, src, "-o", out, "--engine", engine)
+    assert proc.returncode == 0, proc.stderr
+    assert_same_geometry(out, src)
+    assert "liver" in proc.stdout and "mL" in proc.stdout and "network" in proc.stdout
+    assert sorted(os.listdir(out.parent)) == ["mask.nii.gz"]
+
+
+def test_folder_and_glob_inputs_into_an_output_folder(liverkd_cmd, engine, tmp_path):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for i in range(2):
+        write_ct(cases / f"case{i}.nii.gz", seed=i)
+    write_ct(cases / "case0_liver.nii.gz")  # an earlier output: not an input
+    more = tmp_path / "more"
+    more.mkdir()
+    write_ct(more / "x1.nii.gz", seed=5)
+    write_ct(more / "x2.nii", seed=6)
+    out_dir = tmp_path / "out"
+    proc = run(liverkd_cmd, cases, str(more / "x*.nii*"), "-o", out_dir, "--engine", engine)
+    assert proc.returncode == 0, proc.stderr
+    names = ["case0_liver.nii.gz", "case1_liver.nii.gz", "x1_liver.nii.gz", "x2_liver.nii.gz"]
+    assert sorted(os.listdir(out_dir)) == names
+    assert_same_geometry(out_dir / "x2_liver.nii.gz", more / "x2.nii")
+
+
+def test_one_output_file_for_many_inputs_is_refused(liverkd_cmd, engine, tmp_path):
+    a, b = write_ct(tmp_path / "a.nii.gz"), write_ct(tmp_path / "b.nii.gz")
+    proc = run(liverkd_cmd, a, b, "-o", tmp_path / "one.nii.gz", "--engine", engine)
+    assert proc.returncode == 2
+    assert "give a folder" in proc.stderr
+    assert not (tmp_path / "one.nii.gz").exists()
+
+
+def test_stats_and_preview(liverkd_cmd, engine, tmp_path):
+    src = write_ct(tmp_path / "ct.nii.gz")
+    proc = run(liverkd_cmd, src, "--engine", engine, "--stats", "--preview")
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads((tmp_path / "ct_liver.json").read_text())
+    mask = np.asarray(nib.load(tmp_path / "ct_liver.nii.gz").dataobj)
+    hu = np.asarray(nib.load(src).dataobj)
+    assert stats["liver_voxels"] == int(mask.sum())
+    assert stats["liver_ml"] == pytest.approx(mask.sum() * 6.0**3 / 1000)
+    if mask.any():
+        assert stats["mean_hu"] == pytest.approx(float(hu[mask > 0].mean()))
+    assert stats["engine"].startswith("student")
+    assert (tmp_path / "ct_liver.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_newest_engine_is_used_and_named(liverkd_cmd, tmp_path):
+    engines = tmp_path / "engines"
+    old = make_bundle(engines / "old")
+    new = make_bundle(engines / "new", constant=1)
+    os.utime(old / "engine.json", (1_000_000_000, 1_000_000_000))
+    src = write_ct(tmp_path / "ct.nii.gz")
+    proc = run(liverkd_cmd, src.name, "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"using engine {os.path.join('engines', 'new')}" in proc.stderr
+    mask = np.asarray(nib.load(tmp_path / "ct_liver.nii.gz").dataobj)
+    assert mask.all()  # the all-liver engine ran, not the old one
+    assert new.is_dir()
+
+
+def test_no_engine_is_a_clear_error(liverkd_cmd, tmp_path):
+    src = write_ct(tmp_path / "ct.nii.gz")
+    proc = run(liverkd_cmd, src, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "no engine bundles" in proc.stderr and "build-engine" in proc.stderr
+    assert not (tmp_path / "ct_liver.nii.gz").exists()
+
+
+def test_dicom_series_folder(liverkd_cmd, engine, tmp_path):
+    pytest.importorskip("pydicom", reason="the optional extra `dicom` (pydicom) is not installed")
+    from test_dicom import write_series
+
+    folder = write_series(tmp_path / "patient7", synthetic_ct((40, 36, 20)) + 1024, spacing=(6.0, 6.0), step=6.0)
+    proc = run(liverkd_cmd, folder, "--engine", engine, "--json")
+    assert proc.returncode == 0, proc.stderr
+    (line,) = [json.loads(s) for s in proc.stdout.splitlines()]
+    assert line["output"] == str(tmp_path / "patient7_liver.nii.gz")
+    assert nib.load(line["output"]).shape == (36, 40, 20)
