@@ -1,3 +1,84 @@
-"""CLI: see the module that it calls for the work itself."""
+"""CLI: `liverkd data synth` and `liverkd data check` (the work is liverkd.phantom / liverkd.datasets)."""
 
-from liverkd.cli.app import app  # noqa: F401
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from liverkd.cli.app import app
+
+data_app = typer.Typer(
+    help="Data sets: synthetic phantoms, and checking a real data set's layout.", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+@data_app.command("synth")
+def synth(
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Folder to write (MSD layout: imagesTr/, labelsTr/, dataset.json)."
+    ),
+    n: int = typer.Option(8, "--n", min=1, help="Number of phantoms."),
+    seed: int = typer.Option(0, "--seed", help="Same seed, same bytes."),
+    shape: tuple[int, int, int] = typer.Option((64, 64, 64), "--shape", metavar="X Y Z", help="Voxels per axis."),
+    spacing: float | None = typer.Option(
+        None, "--spacing", metavar="MM", help="Isotropic voxel size in mm (default: 384 mm / shape per axis)."
+    ),
+    preview: bool = typer.Option(
+        False, "--preview", help="Also write OUT/preview.png (axial + coronal, liver outlined)."
+    ),
+):
+    """Write seeded synthetic abdominal CT phantoms with liver masks (MSD layout)."""
+    from liverkd.phantom import preview_dataset, write_dataset
+    from liverkd.volume import VolumeError
+
+    if out.exists() and not out.is_dir():
+        _fail(f"{out}: exists and is not a folder")
+    try:
+        pairs = write_dataset(out, n, seed=seed, shape=shape, spacing=spacing)
+    except (ValueError, VolumeError, OSError) as e:
+        _fail(str(e))
+    typer.echo(f"wrote {len(pairs)} phantoms to {out} ({out / 'dataset.json'})")
+    if preview:
+        typer.echo(f"preview: {preview_dataset(out)}")
+
+
+@data_app.command("check")
+def check(
+    path: Path = typer.Argument(..., help="A data set folder (MSD, LiTS, TotalSegmentator) or a CSV/JSON list."),
+):
+    """Find the image/label pairs of a data set, load each and report shape, spacing and liver volume."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from liverkd.datasets import DatasetError, discover, load_case
+    from liverkd.volume import VolumeError
+
+    try:
+        cases = discover(path)
+    except DatasetError as e:
+        _fail(str(e))
+    table = Table(title=f"{path}: {len(cases)} case(s)")
+    for name in ("case", "shape", "spacing mm", "liver mL"):
+        table.add_column(name, justify="left" if name == "case" else "right")
+    failed = 0
+    for case in cases:
+        try:
+            image, label = load_case(case)
+        except (DatasetError, VolumeError) as e:
+            typer.echo(f"error: {e}", err=True)
+            failed += 1
+            continue
+        spacing = image.spacing
+        liver_ml = float(label.array.sum()) * spacing[0] * spacing[1] * spacing[2] / 1000
+        table.add_row(case.case_id, "x".join(map(str, image.shape)), " ".join(f"{s:.2f}" for s in spacing),
+                      f"{liver_ml:.0f}")  # fmt: skip
+    Console().print(table)
+    if failed:
+        raise typer.Exit(1)
