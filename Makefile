@@ -24,7 +24,9 @@ test: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check liverkd distill deploy tests benchmarks
 
+# OpenVINO (the bench extra) is optional: the benchmark skips it, with a message, when it cannot be installed.
 bench: $(BIN)/.installed
+	-$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/network_cpu.py
 
 clean:

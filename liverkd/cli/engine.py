@@ -1,3 +1,75 @@
-"""CLI: see the module that it calls for the work itself."""
+"""CLI: `liverkd export` and `liverkd build-engine` (the work itself is deploy.export / deploy.build)."""
 
-from liverkd.cli.app import app  # noqa: F401
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from liverkd.cli.app import app
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+@app.command("export")
+def export(
+    checkpoint: Path = typer.Argument(..., help="A liverkd checkpoint (.pt)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The ONNX file to write."),
+    dynamic: bool = typer.Option(
+        False, "--dynamic", help="Dynamic spatial axes (ONNX Runtime only; TensorRT wants fixed)."
+    ),
+):
+    """Export a checkpoint to ONNX (opset 17, BatchNorm folded, simplified) and check it against PyTorch."""
+    from deploy.export import ExportError, export_onnx
+
+    try:
+        result = export_onnx(checkpoint, out, dynamic=dynamic)
+    except (ExportError, ValueError, ImportError) as e:
+        _fail(str(e))
+    typer.echo(result.summary())
+
+
+@app.command("build-engine")
+def build_engine(
+    source: Path = typer.Argument(..., help="A liverkd checkpoint (.pt) or an ONNX file from `liverkd export`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write, e.g. engines/student-30k-int8."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or int8."),
+    calib_data: Path = typer.Option(
+        None, "--calib-data", help="Folder of NIfTI volumes for int8 calibration (default: ./calib_data)."
+    ),
+    calib_method: str = typer.Option("entropy", "--calib-method", help="minmax, entropy or percentile."),
+    backend: str = typer.Option("auto", "--backend", help="auto, tensorrt or onnxruntime."),
+    workspace: int = typer.Option(1024, "--workspace", help="TensorRT workspace limit in MiB."),
+    min_agreement: float = typer.Option(0.995, "--min-agreement", help="Refuse the bundle below this Dice vs fp32."),
+):
+    """Build an engine bundle (ONNX, INT8/FP16 variants, TensorRT plan where possible, engine.json)."""
+    from rich.console import Console
+
+    from deploy.backends.base import RunnerError
+    from deploy.build import BuildError
+    from deploy.build import build_engine as build
+    from deploy.calibrate import CalibrationError
+    from deploy.export import ExportError
+    from liverkd.volume import VolumeError
+
+    console = Console(highlight=False, soft_wrap=True)
+    try:
+        with console.status(f"building {out} ({precision})..."):
+            bundle = build(
+                source,
+                out,
+                precision,
+                calib_data=calib_data,
+                calib_method=calib_method,
+                backend=backend,
+                workspace_mib=workspace,
+                min_agreement=min_agreement,
+                log=console.print,
+            )
+    except (BuildError, CalibrationError, ExportError, RunnerError, VolumeError, ValueError) as e:
+        _fail(str(e))
+    files = ", ".join(sorted(bundle.meta["files"].values()))
+    console.print(f"wrote {bundle.path}: {files}")

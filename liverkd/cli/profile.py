@@ -1,3 +1,76 @@
-"""CLI: see the module that it calls for the work itself."""
+"""CLI: `liverkd profile` (the work is in deploy/profile.py)."""
 
-from liverkd.cli.app import app  # noqa: F401
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from liverkd.cli.app import app
+
+
+def _check_output(path: Path | None, option: str) -> None:
+    if path is not None and not path.parent.is_dir():
+        raise ValueError(f"{path}: folder {path.parent} for {option} does not exist")
+
+
+@app.command()
+def profile(
+    engine: list[Path] = typer.Option(
+        None, "--engine", "-e", help="Engine bundle folder; repeat to compare. Default: the newest under engines/."
+    ),
+    backend: list[str] = typer.Option(
+        None, "--backend", "-b", help="auto | onnxruntime | tensorrt | torch; repeat to compare. Default: auto."
+    ),
+    volumes: Path | None = typer.Option(None, "--volumes", help="Folder of NIfTI CTs (or a data set layout)."),
+    synthetic: int | None = typer.Option(
+        None, "--synthetic", help="Profile on N phantom CTs written to a temp folder."
+    ),
+    warmup: int = typer.Option(5, "--warmup", help="Untimed volumes per target before timing."),
+    runs: int = typer.Option(50, "--runs", help="Timed volumes per target."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the full report (every sample) as JSON."),
+    csv_out: Path | None = typer.Option(None, "--csv", help="Write per-stage statistics as CSV."),
+    plot: Path | None = typer.Option(None, "--plot", help="Write a PNG: stage breakdown and latency histogram."),
+):
+    """Time every stage of segmenting a volume (read to write), per engine and backend."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from deploy.backends.base import RunnerError
+    from deploy.bundle import BundleError, newest_bundle
+    from deploy.profile import profile as run
+    from liverkd.volume import VolumeError
+
+    console = Console() if sys.stdout.isatty() else Console(width=120)  # logs keep whole numbers
+    try:
+        if volumes is not None and synthetic is not None:
+            raise ValueError("give --volumes or --synthetic, not both")
+        for path, option in ((json_out, "--json"), (csv_out, "--csv"), (plot, "--plot")):
+            _check_output(path, option)
+        engines = list(engine) if engine else [newest_bundle("engines").path]
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        ) as progress:
+            report = run(
+                engines,
+                list(backend) if backend else ["auto"],
+                volumes_dir=volumes,
+                synthetic=synthetic,
+                warmup=warmup,
+                runs=runs,
+                progress=progress,
+            )
+    except (BundleError, RunnerError, VolumeError, ValueError, OSError) as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(1) from None
+    report.render(console)
+    for path, write in ((json_out, report.write_json), (csv_out, report.write_csv), (plot, report.write_plot)):
+        if path is not None:
+            console.print(f"wrote {write(path)}")

@@ -1,0 +1,339 @@
+"""Median latency per volume of the students on a CUDA machine, every way this machine can run them.
+
+    python3 benchmarks/gpu_check.py --out gpu_check.md            # on the GPU machine, < 5 min
+    python3 benchmarks/gpu_check.py --device cpu --runs 2 --size 32  # the same code on a CPU
+
+Needs only torch and numpy (onnxruntime, onnx and tensorrt are used when importable); no
+network, no liverkd install: it puts the repository root on sys.path. Trains nothing:
+random-init students (latency does not depend on the weights) or --checkpoint files.
+Every variant runs in its own try/except; a variant that cannot run prints why it was skipped.
+Columns: median host->host ms per volume (numpy in, numpy logits out), median GPU ms (CUDA
+events around the network alone, where measured), argmax agreement with PyTorch fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+class Skip(Exception):
+    """This variant cannot run here; str() says why."""
+
+
+def median(values) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+# ---------------------------------------------------------------- PyTorch variants
+
+
+def torch_runner(model, device, half=False, channels_last=False, cuda_graph=False, compiled=False):
+    """A function host array -> (host logits, gpu ms or None)."""
+    import torch
+
+    if half and device == "cpu":
+        raise Skip("fp16 needs CUDA")
+    if cuda_graph and device == "cpu":
+        raise Skip("CUDA graphs need CUDA")
+    dtype = torch.float16 if half else torch.float32
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    net = copy.deepcopy(model).to(device=device, dtype=dtype, memory_format=fmt).eval()
+    if compiled:
+        net = torch.compile(net)
+    cuda = device != "cpu"
+
+    def to_device(x):
+        return torch.from_numpy(x).to(device, non_blocking=False).to(dtype).contiguous(memory_format=fmt)
+
+    if cuda_graph:
+        static_in = to_device(np.zeros(INPUT_SHAPE, np.float32))
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(3):  # warm up on a side stream before capture (the documented recipe)
+                net(static_in)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.inference_mode():
+            static_out = net(static_in)
+
+        def run(x):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            static_in.copy_(to_device(x))
+            start.record()
+            graph.replay()
+            end.record()
+            out = static_out.float().cpu().numpy()
+            return out, start.elapsed_time(end)
+
+        return run
+
+    def run(x):
+        with torch.inference_mode():
+            xd = to_device(x)
+            if not cuda:
+                return net(xd).float().numpy(), None
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yd = net(xd)
+            end.record()
+            out = yd.float().cpu().numpy()
+            return out, start.elapsed_time(end)
+
+    return run
+
+
+# ---------------------------------------------------------------- ONNX Runtime / TensorRT variants
+
+
+def export_onnx(model, folder: Path, name: str) -> Path:
+    import warnings
+
+    import torch
+
+    path = folder / f"{name}.onnx"
+    if not path.exists():
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            model = copy.deepcopy(model).to("cpu", torch.float32).eval()
+            torch.onnx.export(
+                model, (torch.zeros(INPUT_SHAPE),), str(path), dynamo=False, opset_version=17,
+                input_names=["input"], output_names=["logits"],
+            )  # fmt: skip
+    return path
+
+
+def fp16_onnx(path: Path) -> Path:
+    out = path.with_suffix(".fp16.onnx")
+    if not out.exists():
+        try:
+            from deploy.fp16 import to_fp16
+        except ImportError as e:
+            raise Skip(f"fp16 conversion needs onnx + onnxruntime ({e})") from None
+        to_fp16(path, out)
+    return out
+
+
+def ort_runner(path: Path, provider: str):
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise Skip(f"onnxruntime not installed ({e})") from None
+    if provider not in ort.get_available_providers():
+        raise Skip(f"{provider} not in this onnxruntime ({', '.join(ort.get_available_providers())})")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
+    if session.get_providers()[0] != provider:
+        raise Skip(f"{provider} was requested but the session fell back to {session.get_providers()}")
+
+    def run(x):
+        return session.run(None, {"input": x})[0], None
+
+    return run
+
+
+def tensorrt_runner(path: Path, precision: str, folder: Path):
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as e:
+        raise Skip(f"TensorRT not installed ({e})") from None
+    from deploy.backends.tensorrt import TensorRTRunner, build_plan
+    from deploy.bundle import Bundle
+
+    bundle_dir = folder / f"trt-{path.stem}-{precision}"
+    bundle_dir.mkdir(exist_ok=True)
+    trt_facts = build_plan(path, bundle_dir / "model.plan", precision, workspace_mib=2048)
+    meta = {
+        "spec": {}, "precision": precision, "input": {"name": "input"}, "output": {"name": "logits"},
+        "files": {"onnx": path.name, "plan": "model.plan"}, "tensorrt": trt_facts,
+    }  # fmt: skip
+    (bundle_dir / path.name).write_bytes(path.read_bytes())
+    runner = TensorRTRunner().load(Bundle(bundle_dir, meta))
+
+    def run(x):
+        out = runner.infer(x)
+        return out, runner.last_timings["network"] * 1e3
+
+    return run
+
+
+# ---------------------------------------------------------------- the table
+
+
+def time_variant(run, x, runs: int, reference):
+    run(x)  # warm-up (and compilation, autotuning)
+    run(x)
+    host, gpu = [], []
+    out = None
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        out, gpu_ms = run(x)
+        host.append((time.perf_counter() - t0) * 1e3)
+        if gpu_ms is not None:
+            gpu.append(gpu_ms)
+    agree = float((out.argmax(1) == reference.argmax(1)).mean()) if reference is not None else 1.0
+    return median(host), median(gpu), agree
+
+
+def environment(device: str) -> list[str]:
+    import torch
+
+    lines = [f"host {platform.node()}, Python {platform.python_version()}, torch {torch.__version__}"]
+    if device != "cpu":
+        p = torch.cuda.get_device_properties(0)
+        lines.append(
+            f"GPU {torch.cuda.get_device_name(0)} (compute {p.major}.{p.minor}, {p.total_memory / 2**30:.0f} GiB), "
+            f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
+        )
+    else:
+        lines.append(f"CPU only ({os.cpu_count()} threads)")
+    for mod in ("onnxruntime", "onnx", "tensorrt"):
+        try:
+            m = __import__(mod)
+            extra = f" providers {m.get_available_providers()}" if mod == "onnxruntime" else ""
+            lines.append(f"{mod} {m.__version__}{extra}")
+        except ImportError:
+            lines.append(f"{mod}: not installed")
+    return lines
+
+
+INPUT_SHAPE = (1, 1, 128, 128, 128)
+
+
+def main(argv=None) -> int:
+    global INPUT_SHAPE
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    ap.add_argument("--size", type=int, default=128, help="input edge length (a multiple of 8)")
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--presets", nargs="+", default=["student-30k", "student-100k"])
+    ap.add_argument("--checkpoint", nargs="*", default=[], help="checkpoint files instead of random-init presets")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    ap.add_argument("--budget-s", type=float, default=270.0, help="skip what is left after this many seconds")
+    ap.add_argument("--out", type=Path, default=None, help="write the table as markdown here")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from distill.models import count_params, create_model
+
+    t_start = time.perf_counter()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device != "cpu" and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no GPU", file=sys.stderr)
+        return 1
+    INPUT_SHAPE = (1, 1, args.size, args.size, args.size)
+    torch.backends.cudnn.benchmark = True
+    models = []
+    if args.checkpoint:
+        from distill.checkpoint import model_from_checkpoint
+
+        models = [(Path(c).stem, model_from_checkpoint(c)[0]) for c in args.checkpoint]
+    else:
+        torch.manual_seed(0)
+        models = [(p, create_model(p).eval()) for p in args.presets]
+    x = np.random.default_rng(0).random(INPUT_SHAPE, dtype=np.float32)
+    env = environment(device)
+    print("\n".join(env), flush=True)
+    rows, skipped = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        plan = [(name, label, make) for name, model in models for label, make in variants(name, model, device, tmp)]
+        if not args.no_compile:  # slowest to start: after everything else, within the time budget
+            plan += [(name, "torch.compile fp16", lambda m=model: _compiled(m, device)) for name, model in models]
+        params = {name: count_params(model) for name, model in models}
+        references: dict[str, np.ndarray] = {}
+        for name, label, make in plan:
+            if time.perf_counter() - t_start > args.budget_s:
+                skipped.append((name, label, f"time budget of {args.budget_s:.0f} s spent"))
+                print(f"  skip {name} {label}: time budget spent", flush=True)
+                continue
+            try:
+                run = make()
+                runs = min(args.runs, 5) if "CPU" in label and device != "cpu" else args.runs
+                host_ms, gpu_ms, agree = time_variant(run, x, runs, references.get(name))
+                if name not in references:
+                    references[name] = run(x)[0]
+                rows.append((name, params[name], label, host_ms, gpu_ms, agree))
+                gpu_text = f"{gpu_ms:8.2f}" if gpu_ms == gpu_ms else "       -"
+                print(
+                    f"  {name:13s} {label:30s} host {host_ms:8.2f} ms  gpu {gpu_text} ms  agree {agree:.4%}", flush=True
+                )
+            except Skip as e:
+                skipped.append((name, label, str(e)))
+                print(f"  skip {name} {label}: {e}", flush=True)
+            except Exception as e:  # a variant must never take the others down
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                skipped.append((name, label, reason))
+                print(f"  skip {name} {label}: {reason}", flush=True)
+            finally:
+                if device != "cpu":
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+    text = markdown(env, INPUT_SHAPE, rows, skipped, args.runs, time.perf_counter() - t_start)
+    print("\n" + text)
+    if args.out:
+        args.out.write_text(text)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def variants(name, model, device, tmp):
+    """(label, make) pairs; make() returns a runner or raises Skip. The first is the reference."""
+
+    def onnx_file():
+        return export_onnx(model, tmp, name)
+
+    return [
+        ("torch fp32", lambda: torch_runner(model, device)),
+        ("torch fp32 channels_last_3d", lambda: torch_runner(model, device, channels_last=True)),
+        ("torch fp16", lambda: torch_runner(model, device, half=True)),
+        ("torch fp16 channels_last_3d", lambda: torch_runner(model, device, half=True, channels_last=True)),
+        ("torch fp32 CUDA graph", lambda: torch_runner(model, device, cuda_graph=True)),
+        ("torch fp16 CUDA graph", lambda: torch_runner(model, device, half=True, cuda_graph=True)),
+        ("onnxruntime CUDA fp32", lambda: ort_runner(onnx_file(), "CUDAExecutionProvider")),
+        ("onnxruntime CUDA fp16", lambda: ort_runner(fp16_onnx(onnx_file()), "CUDAExecutionProvider")),
+        ("onnxruntime TensorRT EP fp32", lambda: ort_runner(onnx_file(), "TensorrtExecutionProvider")),
+        ("onnxruntime CPU fp32", lambda: ort_runner(onnx_file(), "CPUExecutionProvider")),
+        ("TensorRT fp32", lambda: tensorrt_runner(onnx_file(), "fp32", tmp)),
+        ("TensorRT fp16", lambda: tensorrt_runner(onnx_file(), "fp16", tmp)),
+    ]
+
+
+def _compiled(model, device):
+    if device == "cpu":
+        raise Skip("torch.compile is only timed on CUDA here")
+    return torch_runner(model, device, half=True, compiled=True)
+
+
+def markdown(env, shape, rows, skipped, runs, seconds) -> str:
+    lines = [f"# gpu_check: median latency per volume, input {tuple(shape)}", ""]
+    lines += [f"- {line}" for line in env]
+    lines += [f"- {runs} timed runs per variant after 2 warm-ups; {seconds:.0f} s in all", ""]
+    lines += ["| model | params | variant | host->host ms | GPU ms | argmax agreement vs torch fp32 |"]
+    lines += ["|---|---:|---|---:|---:|---:|"]
+    for name, params, label, host_ms, gpu_ms, agree in rows:
+        gpu = f"{gpu_ms:.2f}" if gpu_ms == gpu_ms else "-"
+        lines.append(f"| {name} | {params:,} | {label} | {host_ms:.2f} | {gpu} | {agree:.4%} |")
+    if skipped:
+        lines += ["", "Skipped:", ""]
+        lines += [f"- {name} / {label}: {why}" for name, label, why in skipped]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""Checkpoint or ONNX -> engine bundle (engines/NAME: ONNX files, optional TensorRT plan, engine.json).
+
+Everything is built in a temp folder beside the target and renamed into place at the end:
+a failed export, calibration, TensorRT build or accuracy gate leaves no bundle behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from deploy import calibrate as C
+from deploy.backends.base import RunnerError, open_runner
+from deploy.bundle import Bundle
+from deploy.fp16 import to_fp16
+from liverkd.atomic import fsync_dir, sha256_file
+from liverkd.spec import PreprocessSpec
+
+PRECISIONS = ("fp32", "fp16", "int8")
+BUILD_BACKENDS = ("auto", "tensorrt", "onnxruntime")
+GATE_PHANTOM_SEEDS = (9001, 9002)
+"""Phantoms for the accuracy gate when no calibration volume is held out (never used to calibrate)."""
+DEFAULT_CALIB_DATA = Path("calib_data")
+"""Where int8 builds look for calibration volumes when --calib-data is not given."""
+TIMED_RUNS = 3
+SLOWER_THAN_FP32 = 1.10
+"""Warn when the built model's median latency exceeds fp32's by more than this factor."""
+
+
+class BuildError(ValueError):
+    """The bundle cannot be built. str() is one line naming the file or option."""
+
+
+def choose_backend(requested: str) -> tuple[str, str]:
+    """(backend, why in a few words). auto = TensorRT when it and a GPU are present."""
+    from deploy.backends.tensorrt import target_here, tensorrt_available
+
+    if requested == "onnxruntime":
+        return "onnxruntime", "asked for with --backend onnxruntime"
+    ok, why = tensorrt_available()
+    if ok:
+        here = target_here()
+        return "tensorrt", f"TensorRT {here['version']} and {here['gpu_name']} found"
+    if requested == "tensorrt":
+        raise BuildError(f"--backend tensorrt: {why}")
+    return "onnxruntime", f"no TensorRT build here: {why}"
+
+
+def build_engine(
+    source,
+    out,
+    precision: str = "fp32",
+    *,
+    calib_data=None,
+    calib_method: str = "entropy",
+    backend: str = "auto",
+    workspace_mib: int = 1024,
+    min_agreement: float = 0.995,
+    log: Callable[[str], None] = print,
+) -> Bundle:
+    """Build the bundle at `out`; returns it loaded. Raises BuildError (nothing written) on failure."""
+    source, out = Path(source), Path(out)
+    if precision not in PRECISIONS:
+        raise BuildError(f"--precision {precision!r}: choose from {', '.join(PRECISIONS)}")
+    if backend not in BUILD_BACKENDS:
+        raise BuildError(f"--backend {backend!r}: choose from {', '.join(BUILD_BACKENDS)}")
+    if calib_method not in C.METHODS:
+        raise BuildError(f"--calib-method {calib_method!r}: choose from {', '.join(C.METHODS)}")
+    if not 0.0 < min_agreement <= 1.0:
+        raise BuildError(f"--min-agreement {min_agreement}: must be in (0, 1]")
+    if not source.is_file():
+        raise BuildError(f"{source}: no such checkpoint or ONNX file")
+    if out.exists() and not (out / "engine.json").is_file():
+        raise BuildError(f"{out}: exists and is not an engine bundle; choose another --out")
+    calib_files: list[Path] = []
+    if precision == "int8":
+        if calib_data is None:
+            if not DEFAULT_CALIB_DATA.is_dir():
+                raise BuildError(
+                    f"--precision int8 needs --calib-data DIR or volumes in ./{DEFAULT_CALIB_DATA} "
+                    f"(`liverkd data synth --out {DEFAULT_CALIB_DATA}` makes some)"
+                )
+            calib_data = DEFAULT_CALIB_DATA
+        calib_files = C.calibration_files(calib_data)
+    backend, why = choose_backend(backend)
+    log(f"backend: {backend} ({why})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".building", dir=out.parent))
+    try:
+        _build_into(
+            tmp,
+            out,
+            source,
+            precision,
+            backend,
+            calib_files,
+            calib_data,
+            calib_method,
+            workspace_mib,
+            min_agreement,
+            log,
+        )
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Bundle.load(out)
+
+
+def _build_into(
+    tmp, out, source, precision, backend, calib_files, calib_data, calib_method, workspace_mib, min_agreement, log
+) -> None:
+    files = {"onnx": "model.onnx"}
+    if source.suffix == ".onnx":
+        spec, src = _take_onnx(source, tmp / "model.onnx")
+    else:
+        from deploy.export import export_onnx
+
+        result = export_onnx(source, tmp / "model.onnx")
+        log(f"exported model.onnx: {result.summary().split(': ', 1)[1]}")
+        shutil.copyfile(source, tmp / "model.pt")
+        files["checkpoint"] = "model.pt"
+        spec = result.spec
+        src = {"checkpoint": source.name, "sha256": result.source_sha256, "preset": result.preset}
+    io = _io_of(tmp / "model.onnx")
+
+    calibration = None
+    gate_files: list[Path] = []
+    if precision == "fp16":
+        to_fp16(tmp / "model.onnx", tmp / "model.fp16.onnx")
+        files["onnx_fp16"] = "model.fp16.onnx"
+    elif precision == "int8":
+        used, gate_files = C.split_held_out(calib_files)
+        log(f"calibrating ({calib_method}) on {len(used)} volume(s) from {calib_data}; {len(gate_files)} held out")
+        calibration = C.calibrate(
+            tmp / "model.onnx", tmp / "model.int8.onnx", used, spec, calib_method, tmp / "calibration.json"
+        )
+        C.write_data_loader(tmp / "calib_loader.py", used, spec, io["input"]["name"])
+        calibration.update(folder=str(calib_data), held_out=[f.name for f in gate_files])
+        files.update(onnx_int8="model.int8.onnx", calibration="calibration.json", data_loader="calib_loader.py")
+
+    tensorrt = None
+    if backend == "tensorrt":
+        from deploy.backends.tensorrt import build_plan
+
+        plan_source = _plan_source(files, precision)
+        log(f"building TensorRT plan from {plan_source} ({precision}, workspace {workspace_mib} MiB)")
+        try:
+            tensorrt = build_plan(
+                tmp / plan_source,
+                tmp / "model.plan",
+                precision,
+                workspace_mib=workspace_mib,
+                timing_cache=out.parent / ".trt-timing.cache",
+            )
+        except RunnerError as e:
+            raise BuildError(str(e)) from None
+        tensorrt["onnx"] = plan_source
+        files["plan"] = "model.plan"
+
+    meta = {
+        "name": out.name,
+        "spec": spec.to_dict(),
+        "precision": precision,
+        "backend": backend,
+        **io,
+        "files": files,
+        "source": src,
+        "calibration": calibration,
+        "tensorrt": tensorrt,
+        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "accuracy": None,
+    }
+    bundle = Bundle(tmp, meta)
+    bundle.save()
+    gate_inputs, gate_names = _gate_inputs(gate_files, spec)
+    accuracy, speed = accuracy_gate(bundle, backend, gate_inputs, gate_names, min_agreement)
+    meta.update(accuracy=accuracy, speed=speed)
+    bundle.save()
+    log(
+        f"accuracy gate: Dice vs fp32 min {accuracy['dice_min']:.4f} (mean {accuracy['dice_mean']:.4f}) on "
+        f"{len(gate_names)} volume(s), max |logit error| {accuracy['max_abs_logit_error']:.3g}"
+    )
+    if precision != "fp32" or backend != "onnxruntime":
+        log(
+            f"speed: {precision} {speed['built_ms']:.1f} ms vs fp32 {speed['fp32_ms']:.1f} ms per volume "
+            f"on {speed['device']} (median of {speed['runs']})"
+        )
+    if not accuracy["passed"]:
+        raise BuildError(
+            f"{out}: accuracy gate failed: Dice vs fp32 {accuracy['dice_min']:.4f} < --min-agreement "
+            f"{min_agreement}; no bundle written"
+        )
+    if precision != "fp32" and speed["ratio"] > SLOWER_THAN_FP32:
+        log(
+            f"WARNING: {precision} on {speed['device']} measured {speed['ratio']:.1f}x slower than fp32 here "
+            f"({speed['built_ms']:.1f} vs {speed['fp32_ms']:.1f} ms); fp32 is the faster choice on this backend"
+        )
+
+
+def _take_onnx(source: Path, dest: Path) -> tuple[PreprocessSpec, dict]:
+    """An exported ONNX (liverkd export): its spec and source facts from the metadata."""
+    import onnx
+
+    from deploy import export as E
+
+    try:
+        model = onnx.load(str(source), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError and friends
+        raise BuildError(f"{source}: not a readable ONNX file ({str(e).splitlines()[0] if str(e) else e})") from None
+    props = {p.key: p.value for p in model.metadata_props}
+    if E.META_SPEC not in props:
+        raise BuildError(f"{source}: no PreprocessSpec in the ONNX metadata (export it with `liverkd export`)")
+    spec = PreprocessSpec.from_json(props[E.META_SPEC])
+    shutil.copyfile(source, dest)
+    src = {
+        "checkpoint": props.get(E.META_SOURCE) or None,
+        "sha256": props.get(E.META_SHA256) or None,
+        "preset": props.get(E.META_PRESET) or None,
+        "onnx": source.name,
+        "onnx_sha256": sha256_file(source),
+    }
+    return spec, src
+
+
+def _io_of(onnx_path: Path) -> dict:
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+
+    def describe(v):
+        t = v.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+        return {"name": v.name, "shape": dims, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name}
+
+    return {"input": describe(graph.input[0]), "output": describe(graph.output[0])}
+
+
+def _plan_source(files: dict, precision: str) -> str:
+    """The ONNX file TensorRT builds from: precision in the file on TRT >= 10 (strongly typed)."""
+    import tensorrt as trt
+
+    if precision == "int8":
+        return files["onnx_int8"]
+    if precision == "fp16" and int(trt.__version__.split(".")[0]) >= 10:
+        return files["onnx_fp16"]
+    return files["onnx"]  # fp32, or fp16 by builder flag on TensorRT < 10
+
+
+def _gate_inputs(held_out: list[Path], spec: PreprocessSpec) -> tuple[list[np.ndarray], list[str]]:
+    if held_out:
+        return C.load_inputs(held_out, spec), [f.name for f in held_out]
+    return [C.phantom_input(spec, s) for s in GATE_PHANTOM_SEEDS], [f"phantom seed {s}" for s in GATE_PHANTOM_SEEDS]
+
+
+def accuracy_gate(bundle: Bundle, backend: str, inputs, names, min_agreement: float) -> tuple[dict, dict]:
+    """The built model against fp32 ONNX Runtime on held-out inputs: Dice of the liver masks, max
+    logit error, and the median latency of each (the speed warning's evidence)."""
+    from liverkd.metrics import dice
+
+    liver = int(bundle.spec.labels.get("liver", 1))
+    reference = Bundle(bundle.path, {**bundle.meta, "precision": "fp32"})
+    try:
+        with open_runner(reference, "onnxruntime") as ref, open_runner(bundle, backend) as built:
+            ref_out, ref_ms = _run_all(ref, inputs)
+            got_out, got_ms = _run_all(built, inputs)
+            device = f"{built.name} on {built.device}"
+    except RunnerError as e:
+        raise BuildError(f"{bundle.path}: accuracy gate could not run the built model ({e})") from None
+    pairs = list(zip(ref_out, got_out, strict=True))
+    dices = [dice(r.argmax(1) == liver, g.argmax(1) == liver) for r, g in pairs]
+    max_err = max(float(np.abs(r - g.astype(np.float32)).max()) for r, g in pairs)
+    accuracy = {
+        "reference": "model.onnx (fp32) on onnxruntime cpu",
+        "volumes": list(names),
+        "dice": [round(d, 6) for d in dices],
+        "dice_min": min(dices),
+        "dice_mean": float(np.mean(dices)),
+        "max_abs_logit_error": max_err,
+        "min_agreement": min_agreement,
+        "passed": min(dices) >= min_agreement,
+    }
+    speed = {
+        "device": device,
+        "fp32_ms": ref_ms,
+        "built_ms": got_ms,
+        "ratio": got_ms / ref_ms if ref_ms > 0 else float("nan"),
+        "runs": max(TIMED_RUNS, len(inputs)),
+    }
+    return accuracy, speed
+
+
+def _run_all(runner, inputs) -> tuple[list[np.ndarray], float]:
+    """Outputs for every input, and the median ms of the timed runs (after one warm-up)."""
+    runner.infer(inputs[0])
+    outputs, times = [], []
+    for i in range(max(TIMED_RUNS, len(inputs))):
+        x = inputs[i % len(inputs)]
+        t0 = time.perf_counter()
+        y = runner.infer(x)
+        times.append((time.perf_counter() - t0) * 1e3)
+        if i < len(inputs):
+            outputs.append(y)
+    return outputs, statistics.median(times)
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished bundle to `out`, replacing an older bundle there."""
+    os.chmod(tmp, 0o755)  # mkdtemp made it private
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,229 @@
+"""teacher -> GTAN -> student from one YAML config (`liverkd distill run`), and the
+ablation table (`liverkd distill ablation`): at each student size, no KD / KD / TAKD / GTAN.
+
+Every stage writes RUN_DIR/<stage>.pt and is skipped when that file exists, so a run can
+be stopped and started again; `resume` continues a stage that was interrupted mid-way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distill.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from distill.config import Config
+from distill.data import PatchDataset, Prepared, prepare_case, split_cases
+from distill.gtan import GTANObjective
+from distill.infer import predict_mask
+from distill.models import PRESETS, count_params, create_model
+from distill.train import Dist, KnowledgeDistillation, Supervised, TrainSettings, setup_distributed, train
+from liverkd import volume as V
+from liverkd.atomic import write_json, write_text
+from liverkd.metrics import evaluate_masks, to_jsonable
+from liverkd.preprocess import from_spec_grid, normalize, to_spec_grid
+
+METHODS = ("nokd", "kd", "takd", "gtan")
+METHOD_NAMES = {"nokd": "no KD", "kd": "KD", "takd": "TAKD", "gtan": "GTAN"}
+
+
+@dataclass
+class Data:
+    train: list[Prepared]
+    val: list[Prepared]
+    test: list  # liverkd.datasets.Case, evaluated in the original voxel space
+
+
+def load_data(cfg: Config, ctx: Dist) -> Data:
+    from rich.progress import track
+
+    from liverkd.datasets import discover
+
+    out = Path(cfg.run_dir)
+    if cfg.data.phantoms is not None:
+        path = out / "phantoms"
+        if ctx.main and not (path / "dataset.json").exists():
+            from liverkd.phantom import write_dataset
+
+            p = cfg.data.phantoms
+            write_dataset(path, p.n, seed=p.seed, shape=p.shape)
+        ctx.barrier()
+    else:
+        path = Path(cfg.data.path)
+    cases = [c for c in discover(path) if c.label is not None]
+    train_cases, val_cases, test_cases = split_cases(cases, cfg.data.val, cfg.data.test, cfg.seed)
+    cache = Path(cfg.data.cache) if cfg.data.cache else out / "cache"
+    if ctx.main:  # rank 0 fills the cache, the others then read it
+        for case in track(train_cases + val_cases, description="preprocess", disable=not ctx.main):
+            prepare_case(case, cfg.spec, cache)
+    ctx.barrier()
+    return Data([prepare_case(c, cfg.spec, cache) for c in train_cases],
+                [prepare_case(c, cfg.spec, cache) for c in val_cases], test_cases)
+
+
+def settings(cfg: Config, steps: int, seed: int) -> TrainSettings:
+    t = cfg.train
+    return TrainSettings(steps=steps, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
+                         val_every=t.val_every, num_workers=t.num_workers, seed=seed)
+
+
+def run_stage(cfg: Config, data: Data, out: Path, make_objective, *, steps: int, seed: int, preset: str,
+              stage: str, resume: bool, ctx: Dist):
+    """Train one stage into `out` unless it is there already; return (model, seconds)."""
+    if not out.exists():
+        torch.manual_seed(seed)
+        objective = make_objective()
+        dataset = PatchDataset(data.train, cfg.patch, foreground=cfg.foreground, augment=cfg.augment, seed=seed)
+        title = str(out.relative_to(cfg.run_dir).with_suffix(""))
+        train(objective, dataset, data.val, cfg.spec, settings(cfg, steps, seed), out, preset=preset, stage=stage,
+              resume=resume, title=title)
+        ctx.barrier()
+    payload = load_checkpoint(out)
+    model, _ = model_from_checkpoint(payload)
+    return model.to(ctx.device), float(payload["extra"].get("seconds", 0.0))
+
+
+def kd_objective(cfg: Config, preset: str, teacher):
+    return lambda: KnowledgeDistillation(create_model(preset), teacher, alpha=cfg.kd.alpha,
+                                         temperature=cfg.kd.temperature)
+
+
+def gtan_objective(cfg: Config, preset: str, teacher):
+    g = cfg.gtan
+    return lambda: GTANObjective(teacher, PRESETS[preset], PRESETS[cfg.models.assistant], n_widths=g.widths,
+                                 grow_until=g.grow_until, beta=g.beta, alpha=cfg.kd.alpha,
+                                 temperature=cfg.kd.temperature)
+
+
+def train_teacher(cfg: Config, data: Data, resume: bool, ctx: Dist):
+    out = Path(cfg.run_dir) / "teacher.pt"
+    name = cfg.models.teacher
+    return run_stage(cfg, data, out, lambda: Supervised(create_model(name)), steps=cfg.train.steps.teacher,
+                     seed=cfg.seed, preset=name, stage="teacher", resume=resume, ctx=ctx)
+
+
+def evaluate(model, cases, spec, device) -> dict:
+    """Held-out metrics in each case's own voxel space (the mask mapped back, as at inference)."""
+    rows = []
+    for case in cases:
+        image = V.load(case.image)
+        grid, geometry = to_spec_grid(image, spec)
+        mask = from_spec_grid(predict_mask(model, normalize(grid, spec), spec.input_shape, device), geometry)
+        ref = V.load(case.label).array > 0
+        rows.append({"case": case.case_id, **evaluate_masks(mask, ref, image.spacing)})
+    summary = {k: float(np.mean([r[k] for r in rows])) for k in ("dice", "hd95", "assd", "rvd")}
+    return to_jsonable({**summary, "cases": rows})
+
+
+def run(cfg: Config, *, resume: bool = False, echo=print) -> dict:
+    """teacher -> GTAN -> student; writes RUN_DIR/student.pt and RUN_DIR/heldout.json."""
+    ctx = setup_distributed()
+    out = Path(cfg.run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if ctx.main:
+        write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2, default=str) + "\n")
+    data = load_data(cfg, ctx)
+    teacher, teacher_s = train_teacher(cfg, data, resume, ctx)
+    student, gtan_s = run_stage(cfg, data, out / "gtan.pt", gtan_objective(cfg, cfg.models.student, teacher),
+                                steps=cfg.train.steps.student, seed=cfg.seed, preset=cfg.models.student,
+                                stage="gtan", resume=resume, ctx=ctx)
+    if not ctx.main:
+        return {}
+    save_checkpoint(out / "student.pt", student.cpu(), cfg.spec, preset=cfg.models.student, stage="student",
+                    extra={"from": "gtan.pt", "seconds": gtan_s})
+    result = {
+        "student": {"preset": cfg.models.student, "params": count_params(student), "seconds": gtan_s,
+                    **evaluate(student, data.test, cfg.spec, ctx.device)},
+        "teacher": {"preset": cfg.models.teacher, "params": count_params(teacher), "seconds": teacher_s,
+                    **evaluate(teacher, data.test, cfg.spec, ctx.device)},
+        "test_cases": [c.case_id for c in data.test],
+    }
+    write_json(out / "heldout.json", result)
+    return result
+
+
+# ------------------------------------------------------------------------------ ablation
+
+
+def ablation(cfg: Config, *, seeds: int = 3, resume: bool = False) -> dict:
+    """Teacher once; then per seed a TA (for TAKD) and, per student size, the four methods."""
+    ctx = setup_distributed()
+    root = Path(cfg.run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    data = load_data(cfg, ctx)
+    teacher, teacher_s = train_teacher(cfg, data, resume, ctx)
+    results: dict[str, dict[str, list[dict]]] = {p: {m: [] for m in METHODS} for p in cfg.ablation.students}
+    for s in range(seeds):
+        seed = cfg.seed + s
+        folder = root / "ablation" / f"seed{s}"
+        ta_name = cfg.models.assistant
+        ta, ta_s = run_stage(cfg, data, folder / "ta.pt", kd_objective(cfg, ta_name, teacher),
+                             steps=cfg.train.steps.assistant, seed=seed, preset=ta_name, stage="ta", resume=resume,
+                             ctx=ctx)
+        for preset in cfg.ablation.students:
+            makers = {
+                "nokd": lambda p=preset: Supervised(create_model(p)),
+                "kd": kd_objective(cfg, preset, teacher),
+                "takd": kd_objective(cfg, preset, ta),
+                "gtan": gtan_objective(cfg, preset, teacher),
+            }
+            for method in METHODS:
+                model, secs = run_stage(cfg, data, folder / preset / f"{method}.pt", makers[method],
+                                        steps=cfg.train.steps.student, seed=seed, preset=preset, stage=method,
+                                        resume=resume, ctx=ctx)
+                if ctx.main:
+                    metrics = evaluate(model, data.test, cfg.spec, ctx.device)
+                    # TAKD's cost includes training its assistant
+                    wall = secs + (ta_s if method == "takd" else 0.0)
+                    results[preset][method].append({"seed": seed, "dice": metrics["dice"], "hd95": metrics["hd95"],
+                                                    "seconds": wall, "params": count_params(model)})
+    if not ctx.main:
+        return {}
+    teacher_metrics = evaluate(teacher, data.test, cfg.spec, ctx.device)
+    table = {
+        "config": cfg.source,
+        "seeds": seeds,
+        "test_cases": [c.case_id for c in data.test],
+        "teacher": {"preset": cfg.models.teacher, "params": count_params(teacher), "dice": teacher_metrics["dice"],
+                    "hd95": teacher_metrics["hd95"], "seconds": teacher_s},
+        "rows": [summarize(p, m, results[p][m]) for p in cfg.ablation.students for m in METHODS],
+    }
+    write_json(root / "ablation.json", to_jsonable(table))
+    write_text(root / "ablation.md", markdown_table(table))
+    return table
+
+
+def summarize(preset: str, method: str, runs: list[dict]) -> dict:
+    def stats(key):
+        values = np.array([r[key] for r in runs], dtype=float)
+        return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+    dice_m, dice_sd = stats("dice")
+    hd_m, hd_sd = stats("hd95")
+    return {"preset": preset, "method": method, "params": runs[0]["params"], "dice_mean": dice_m, "dice_sd": dice_sd,
+            "hd95_mean": hd_m, "hd95_sd": hd_sd, "seconds_mean": stats("seconds")[0], "runs": runs}
+
+
+def markdown_table(table: dict) -> str:
+    t = table["teacher"]
+    lines = [
+        f"Held-out cases: {', '.join(table['test_cases'])}; {table['seeds']} seed(s); Dice and HD95 mean ± sd over "
+        "seeds; wall time per method (TAKD includes its assistant's training).",
+        "",
+        "| student | method | params | Dice | HD95 (mm) | wall time (s) |",
+        "|---|---|---:|---|---|---:|",
+        f"| teacher | - | {t['params']:,} | {t['dice']:.3f} | {fmt(t['hd95'])} | {t['seconds']:.0f} |",
+    ]
+    for r in table["rows"]:
+        lines.append(f"| {r['preset']} | {METHOD_NAMES[r['method']]} | {r['params']:,} | "
+                     f"{r['dice_mean']:.3f} ± {r['dice_sd']:.3f} | {fmt(r['hd95_mean'])} ± {fmt(r['hd95_sd'])} | "
+                     f"{r['seconds_mean']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def fmt(x) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:.1f}"

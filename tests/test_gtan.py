@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from distill.gtan import GTANObjective, SlimUNet3D, assistant_index, extract, width_schedule
+from distill.models import PRESETS, UNet3D, UNetConfig
+
+
+def slim_net(student="student-30k", n_widths=3, seed=0):
+    torch.manual_seed(seed)
+    return SlimUNet3D(PRESETS["ta"], width_schedule(PRESETS[student].widths, PRESETS["ta"].widths, n_widths))
+
+
+def warm_bn(slim, x, entries):
+    """A few training-mode passes so every BatchNorm has non-trivial running statistics."""
+    slim.train()
+    with torch.no_grad():
+        for _ in range(3):
+            for k in entries:
+                slim(x, k)
+    slim.eval()
+
+
+def test_schedule_goes_from_student_to_assistant():
+    s = width_schedule((2, 4, 9, 18), (8, 16, 32, 64), 4)
+    assert s[0] == (2, 4, 9, 18) and s[-1] == (8, 16, 32, 64) and len(s) == 5
+    assert all(a <= b for prev, cur in zip(s, s[1:]) for a, b in zip(prev, cur))
+    with pytest.raises(ValueError, match="fit inside"):
+        width_schedule((2, 40, 9, 18), (8, 16, 32, 64), 4)
+    # growth: entry 1 at the start, full width from grow_until on, never shrinking
+    idx = [assistant_index(step, 100, 4, 0.5) for step in range(100)]
+    assert idx[0] == 1 and idx[50] == 4 and idx[-1] == 4 and idx == sorted(idx) and set(idx) == {1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("student", ["student-30k", "student-100k"])
+def test_extracted_student_equals_the_slice(student):
+    slim = slim_net(student)
+    x = torch.randn(2, 1, 16, 16, 16)
+    warm_bn(slim, x, range(len(slim.schedule)))
+    net = extract(slim)
+    assert isinstance(net, UNet3D) and net.config.widths == PRESETS[student].widths
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in UNet3D(PRESETS[student]).parameters())
+    with torch.no_grad():
+        diff = (net(x) - slim(x, 0)).abs().max().item()
+    assert diff < 1e-5
+    # the full assistant extracts as well, and it is not the student
+    with torch.no_grad():
+        assert (extract(slim, len(slim.schedule) - 1)(x) - slim(x, len(slim.schedule) - 1)).abs().max() < 1e-5
+        assert (slim(x, 0) - slim(x, len(slim.schedule) - 1)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_growth_is_function_preserving(mode):
+    slim = slim_net()
+    x = torch.randn(2, 1, 16, 16, 16)
+    warm_bn(slim, x, [1])
+    getattr(slim, mode)()
+    with torch.no_grad():
+        before, student_before = slim(x, 1), slim(x, 0)
+        slim.grow(1, 2)
+        after, student_after = slim(x, 2), slim(x, 0)
+    assert (after - before).abs().max().item() < 1e-5
+    assert torch.equal(student_before, student_after)  # growth never touches the student's weights
+    assert before.abs().max() > 0.01
+
+
+def test_gtan_trains_assistant_and_student_in_one_step():
+    teacher = UNet3D(UNetConfig(widths=(8, 16)))
+    obj = GTANObjective(teacher, UNetConfig(widths=(2, 4)), UNetConfig(widths=(6, 12)), n_widths=2, grow_until=0.5,
+                        beta=0.5)
+    x = torch.randn(2, 1, 8, 8, 8)
+    y = (x[:, 0] > 0).long()
+    opt = torch.optim.AdamW(obj.module.parameters(), lr=1e-2)
+    student0 = {k: v.clone() for k, v in obj.eval_model().state_dict().items()}
+    grew = []
+    for step in range(4):
+        grew.append(obj.before_step(step, 4))
+        loss, parts = obj.loss(obj.module(x), x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss) and parts["student_kd"] >= 0
+    assert grew[0] is None and grew[2] is not None and obj.module.assistant_k == 2
+    assert teacher.head.weight.grad is None  # the teacher stays frozen
+    changed = [k for k, v in obj.eval_model().state_dict().items() if not torch.equal(v, student0[k])]
+    assert any("weight" in k for k in changed)

@@ -1,0 +1,96 @@
+"""`liverkd distill run|ablation` end to end on a tiny phantom config."""
+
+import json
+import subprocess
+
+import pytest
+import yaml
+
+from distill.checkpoint import load_checkpoint, model_from_checkpoint
+from distill.config import ConfigError, load_config
+
+TINY = {
+    "seed": 0,
+    "data": {"phantoms": {"n": 4, "shape": [32, 32, 32], "seed": 0}, "val": 1, "test": 1},
+    "spec": {"spacing": [12.0, 12.0, 12.0], "input_shape": [32, 32, 32]},
+    "patch": [16, 16, 16],
+    "models": {"teacher": "teacher", "assistant": "ta", "student": "student-30k"},
+    "gtan": {"widths": 2, "grow_until": 0.5, "beta": 0.0},
+    "train": {"steps": {"teacher": 2, "assistant": 2, "student": 2}, "batch_size": 1, "val_every": 2},
+    "ablation": {"students": ["student-30k"]},
+}
+
+
+def write_config(tmp_path, **changes):
+    cfg = {**TINY, "run_dir": str(tmp_path / "run"), **changes}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_run_end_to_end_then_skips_finished_stages(tmp_path, liverkd_cmd):
+    config = write_config(tmp_path)
+    proc = subprocess.run([*liverkd_cmd, "distill", "run", str(config)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = tmp_path / "run"
+    assert "held-out Dice" in proc.stdout
+    heldout = json.loads((run / "heldout.json").read_text())
+    assert 0 <= heldout["student"]["dice"] <= 1 and len(heldout["student"]["cases"]) == 1
+    assert f"{heldout['student']['dice']:.3f}" in proc.stdout
+    student, spec = model_from_checkpoint(run / "student.pt")
+    assert load_checkpoint(run / "student.pt")["preset"] == "student-30k"
+    assert sum(p.numel() for p in student.parameters()) == heldout["student"]["params"] == 27_133
+    assert spec.input_shape == (32, 32, 32)
+    for name in ("teacher", "gtan"):
+        assert (run / f"{name}.csv").exists() and (run / f"{name}.png").exists()
+    stamps = {p: p.stat().st_mtime_ns for p in (run / "teacher.pt", run / "gtan.pt")}
+    again = subprocess.run([*liverkd_cmd, "distill", "run", str(config)], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # nothing retrained
+    assert json.loads((run / "heldout.json").read_text())["student"]["dice"] == heldout["student"]["dice"]
+
+
+def test_ablation_writes_a_table(tmp_path, liverkd_cmd):
+    config = write_config(tmp_path)
+    proc = subprocess.run([*liverkd_cmd, "distill", "ablation", str(config), "--seeds", "1"], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = json.loads((tmp_path / "run" / "ablation.json").read_text())
+    assert [r["method"] for r in table["rows"]] == ["nokd", "kd", "takd", "gtan"]
+    assert all(r["params"] == 27_133 and 0 <= r["dice_mean"] <= 1 for r in table["rows"])
+    seed0 = tmp_path / "run" / "ablation" / "seed0"
+    ta_s = load_checkpoint(seed0 / "ta.pt")["extra"]["seconds"]
+    takd_s = load_checkpoint(seed0 / "student-30k" / "takd.pt")["extra"]["seconds"]
+    assert table["rows"][2]["seconds_mean"] == pytest.approx(ta_s + takd_s)  # TAKD pays for its assistant
+    md = (tmp_path / "run" / "ablation.md").read_text()
+    assert "| student-30k | GTAN |" in md and "| teacher |" in md
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"train": {"stepz": 3}}, "unknown key 'train.stepz'"),
+        ({"bogus": 1}, "unknown key 'bogus'"),
+        ({"patch": [15, 16, 16]}, "multiples of 8"),
+        ({"models": {"student": "student-1k"}}, "unknown model preset"),
+        ({"data": {"val": 1, "test": 1}}, "exactly one of"),
+    ],
+)
+def test_bad_configs_name_the_problem(tmp_path, change, message, liverkd_cmd):
+    config = write_config(tmp_path, **change)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(config)
+    assert str(err.value).startswith(str(config)) and "\n" not in str(err.value)
+    if "bogus" in change:
+        proc = subprocess.run([*liverkd_cmd, "distill", "run", str(config)], capture_output=True, text=True)
+        assert proc.returncode == 2 and "unknown key 'bogus'" in proc.stderr
+        assert not (tmp_path / "run").exists()
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("quick.yaml", "paper-100k.yaml", "paper-30k.yaml"):
+        cfg = load_config(root / name)
+        assert cfg.source.endswith(name)

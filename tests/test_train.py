@@ -1,0 +1,100 @@
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from distill.checkpoint import load_checkpoint, model_from_checkpoint
+from distill.data import Augment, PatchDataset, extract_patch, phantom_volumes, prepare_case, split_cases
+from distill.models import UNet3D, UNetConfig
+from distill.train import PartialCheckpointExists, Supervised, TrainSettings, partial_path, train
+
+TINY = UNetConfig(widths=(4, 8))
+
+
+@pytest.fixture(scope="module")
+def volumes():
+    return phantom_volumes(3, (32, 32, 32), seed=0)
+
+
+def run(volumes, out, steps=6, stop_after=None, resume=False):
+    vols, spec = volumes
+    torch.manual_seed(0)
+    dataset = PatchDataset(vols[:2], (16, 16, 16), augment=Augment(), seed=3)
+    settings = TrainSettings(steps=steps, batch_size=2, lr=3e-3, val_every=2)
+    return train(Supervised(UNet3D(TINY)), dataset, vols[2:], spec, settings, out, stop_after=stop_after,
+                 resume=resume, stage="student")
+
+
+def test_resume_continues_exactly(volumes, tmp_path):
+    whole = run(volumes, tmp_path / "a" / "model.pt")
+    out = tmp_path / "b" / "model.pt"
+    first = run(volumes, out, stop_after=4)  # "killed" right after its step-4 checkpoint
+    assert not first["finished"] and not out.exists() and partial_path(out).exists()
+    with pytest.raises(PartialCheckpointExists, match="--resume"):
+        run(volumes, out)
+    resumed = run(volumes, out, resume=True)
+    assert resumed["finished"] and resumed["step"] == whole["step"] == 6
+    assert len(resumed["step_loss"]) == 6
+    np.testing.assert_allclose(resumed["step_loss"], whole["step_loss"], rtol=1e-5)
+    a, b = load_checkpoint(tmp_path / "a" / "model.pt"), load_checkpoint(out)
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(v, b["state_dict"][k])
+    assert not partial_path(out).exists()
+
+
+def test_checkpoint_and_logs(volumes, tmp_path):
+    out = tmp_path / "model.pt"
+    result = run(volumes, out, steps=4)
+    payload = load_checkpoint(out)
+    assert payload["step"] == 4 and payload["stage"] == "student"
+    assert payload["best_val_dice"] == result["best_val_dice"] and 0 <= payload["best_val_dice"] <= 1
+    model, spec = model_from_checkpoint(out)
+    assert spec == volumes[1] and model.config == TINY
+    rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    assert [int(r["step"]) for r in rows] == [2, 4] and all(r["val_dice"] for r in rows)
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_patches_are_seeded_and_foreground_biased(volumes):
+    vols, _ = volumes
+    a = PatchDataset(vols, (16, 16, 16), augment=Augment(), seed=1)
+    b = PatchDataset(vols, (16, 16, 16), augment=Augment(), seed=1)
+    x1, y1 = a[5]
+    x2, y2 = b[5]
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(a[6][0], x1)
+    fg = PatchDataset(vols, (8, 8, 8), foreground=1.0, seed=0)
+    bg = PatchDataset(vols, (8, 8, 8), foreground=0.0, seed=0)
+    liver_share = [np.mean([ds[i][1].float().mean() for i in range(30)]) for ds in (fg, bg)]
+    assert liver_share[0] > 2 * liver_share[1]
+
+
+def test_unaugmented_patch_is_an_exact_crop_no_flip(volumes):
+    v = volumes[0][0]
+    mid = (np.array(v.image.shape) - 1) / 2
+    x, y = extract_patch(v.image, v.label, mid, v.image.shape, np.eye(3))
+    np.testing.assert_allclose(x, v.image, atol=1e-6)
+    assert np.array_equal(y, v.label)
+    x, _ = extract_patch(v.image, v.label, mid + [4, 0, 0], (24, 32, 32), np.eye(3))
+    np.testing.assert_allclose(x, v.image[8:32], atol=1e-6)  # moved along +x, never mirrored
+
+
+def test_cases_are_cached_once(tmp_path):
+    from liverkd.datasets import discover
+    from liverkd.phantom import write_dataset
+    from liverkd.spec import PreprocessSpec
+
+    write_dataset(tmp_path / "ds", 4, seed=0, shape=(32, 32, 32))
+    cases = discover(tmp_path / "ds")
+    spec = PreprocessSpec(spacing=(12, 12, 12), input_shape=(32, 32, 32))
+    first = prepare_case(cases[0], spec, tmp_path / "cache")
+    files = list((tmp_path / "cache").glob("*.npz"))
+    assert len(files) == 1
+    again = prepare_case(cases[0], spec, tmp_path / "cache")
+    assert np.array_equal(first.image, again.image) and len(list((tmp_path / "cache").glob("*.npz"))) == 1
+    prepare_case(cases[0], spec.with_(spacing=(16, 16, 16)), tmp_path / "cache")  # another spec, another entry
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+    train_cases, val, test = split_cases(cases, 1, 1, seed=0)
+    assert len(train_cases) == 2 and {c.case_id for c in train_cases + val + test} == {c.case_id for c in cases}
+    assert split_cases(cases, 1, 1, seed=0)[2] == test
