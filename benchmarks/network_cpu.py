@@ -4,15 +4,16 @@
     .venv/bin/python benchmarks/network_cpu.py --tune # + the ONNX Runtime settings sweep (30k student)
 
 Runtimes: PyTorch eager fp32, ONNX Runtime fp32 and int8 (Q/DQ) through deploy's own
-OnnxRuntimeRunner, and OpenVINO fp32 / int8 (it reads the same Q/DQ file) when installed
-(`pip install -e '.[bench]'`; skipped with a message otherwise). The bundles are built by
+OnnxRuntimeRunner, and OpenVINO fp32 / bf16 (where the CPU has it) / int8 (it reads the same
+Q/DQ file) when installed (`pip install -e '.[bench]'`; skipped with a message otherwise).
+The bundles are built by
 deploy.build.build_engine, the code behind `liverkd build-engine` (export with BatchNorm
 folded and onnxsim; int8 calibrated with minmax on phantoms), so the files timed are the
 files users run.
 
 Weights are RANDOM (seeded): a network's time does not depend on its weights' values, and
-no trained checkpoint is needed to run this. The agreement column (argmax of each runtime
-against PyTorch eager on a phantom) is a sanity check of the numerics, not an accuracy.
+no trained checkpoint is needed to run this. The max |dlogit| column (each runtime's logits
+against PyTorch eager's on one phantom) checks the numerics, it is not an accuracy.
 
 Floor: the model's convolution GFLOPs (2 x multiply-adds, counted from the ONNX graph) over
 the peak GFLOP/s of this CPU, measured in the same run with a large float32 numpy matmul
@@ -138,14 +139,22 @@ def ort_runner(bundle, threads: int) -> Callable[[np.ndarray], np.ndarray]:
     return OnnxRuntimeRunner(threads=threads).load(bundle).infer
 
 
-def openvino(onnx_path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+def openvino(onnx_path, threads: int, precision: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """OpenVINO CPU. `precision` "f32" / "bf16" sets INFERENCE_PRECISION_HINT; unset, OpenVINO picks
+    (bf16 on CPUs with AMX / AVX512-BF16, so an fp32 ONNX would silently run in bf16 there)."""
     import openvino as ov
 
-    compiled = ov.Core().compile_model(
-        str(onnx_path), "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
-    )
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    if precision:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    compiled = ov.Core().compile_model(str(onnx_path), "CPU", config)
     request = compiled.create_infer_request()
     return lambda x: request.infer({0: x})[0]
+
+
+def bf16_capable() -> bool:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def openvino_available() -> tuple[bool, str]:
@@ -269,7 +278,9 @@ def main(argv=None) -> int:
                 "ONNX Runtime int8": ort_runner(b["int8"], args.threads),
             }
             if have_ov:
-                fns["OpenVINO fp32"] = openvino(b["fp32"].file("onnx"), args.threads)
+                fns["OpenVINO fp32"] = openvino(b["fp32"].file("onnx"), args.threads, "f32")
+                if bf16_capable():
+                    fns["OpenVINO bf16"] = openvino(b["fp32"].file("onnx"), args.threads, "bf16")
                 fns["OpenVINO int8 (Q/DQ)"] = openvino(b["int8"].file("onnx_int8"), args.threads)
             reference = fns["PyTorch eager fp32"](x)
             errors = {name: max_logit_error(fn(x), reference) for name, fn in fns.items()}

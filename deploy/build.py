@@ -60,7 +60,7 @@ def build_engine(
     precision: str = "fp32",
     *,
     calib_data=None,
-    calib_method: str = "entropy",
+    calib_method: str = "minmax",
     backend: str = "auto",
     workspace_mib: int = 1024,
     min_agreement: float = 0.995,

@@ -105,8 +105,9 @@ class _Reader:
 
 CALIBRATOR_OPTIONS = {
     "minmax": {"symmetric": True},
-    # TensorRT's entropy calibration: 2048-bin histograms searched for the best 128-level range.
-    # ORT's default (128 bins for 128 levels) leaves one candidate, i.e. plain min/max.
+    # KL search as TensorRT's entropy calibrator: 2048-bin histograms, 128 levels. ORT's default
+    # (128 bins for 128 levels) leaves one candidate, i.e. plain min/max. Measured on a trained
+    # 100k student: entropy clips too hard (Dice vs fp32 0.65), minmax 0.998: minmax is the default.
     "entropy": {"symmetric": True, "num_bins": 2048, "num_quantized_bins": 128},
     "percentile": {"symmetric": True, "num_bins": 2048, "percentile": 99.999},
 }

@@ -492,6 +492,7 @@ def profile(
     """
     import tempfile
 
+    from deploy.backends.base import BACKENDS
     from deploy.bundle import Bundle
     from deploy.device_info import device_facts
 
@@ -502,6 +503,9 @@ def profile(
     for i, t in enumerate(targets):
         if labels.count(t.label) > 1:
             t.name = f"{labels[i]}#{labels[: i + 1].count(labels[i])}"
+    for b in backends:
+        if b not in BACKENDS:
+            raise ValueError(f"--backend {b!r}: choose from {', '.join(BACKENDS)}")
     bundles = [Bundle.load(t.engine) for t in targets]  # fail early, before any volume is written
     volumes = find_volumes(volumes_dir) if volumes_dir is not None else None
     with tempfile.TemporaryDirectory(prefix="liverkd-profile-") as tmp:

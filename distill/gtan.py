@@ -243,8 +243,9 @@ class GTANObjective:
         return f"assistant grows to widths {self.slim.schedule[k]}"
 
     def set_step(self, step: int, steps: int) -> None:
-        """After a resume the loaded weights already hold every growth up to `step`."""
-        self.module.assistant_k = assistant_index(step, steps, self.n_widths, self.grow_until)
+        """After a resume at `step`: the loaded weights hold the growth of the steps already
+        taken (0..step-1); a growth due at `step` itself still happens in before_step."""
+        self.module.assistant_k = assistant_index(max(step - 1, 0), steps, self.n_widths, self.grow_until)
 
     def loss(self, outputs, x, y):
         with torch.no_grad():

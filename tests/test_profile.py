@@ -158,7 +158,7 @@ def test_cli_two_backends_print_speedups(engines, liverkd_cmd, tmp_path):
     assert (tmp_path / "p.csv").is_file()
 
 
-@pytest.mark.parametrize("problem", ["no_engine", "empty_volumes", "both_sources", "no_json_folder"])
+@pytest.mark.parametrize("problem", ["no_engine", "empty_volumes", "both_sources", "no_json_folder", "bad_backend"])
 def test_cli_bad_input_is_one_line_and_writes_nothing(problem, engines, liverkd_cmd, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -168,6 +168,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(problem, engines, liverkd_
         "empty_volumes": ["--engine", str(engines[0]), "--volumes", str(empty)],
         "both_sources": ["--engine", str(engines[0]), "--volumes", str(empty), "--synthetic", "1"],
         "no_json_folder": ["--engine", str(engines[0]), "--synthetic", "1"],
+        "bad_backend": ["--engine", str(engines[0]), "--backend", "tensorflow", "--synthetic", "1"],
     }[problem]
     target = tmp_path / "nope" / "out.json" if problem == "no_json_folder" else out_json
     done = subprocess.run(

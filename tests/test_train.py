@@ -6,6 +6,7 @@ import torch
 
 from distill.checkpoint import load_checkpoint, model_from_checkpoint
 from distill.data import Augment, PatchDataset, extract_patch, phantom_volumes, prepare_case, split_cases
+from distill.gtan import GTANObjective
 from distill.models import UNet3D, UNetConfig
 from distill.train import PartialCheckpointExists, Supervised, TrainSettings, partial_path, train
 
@@ -17,23 +18,31 @@ def volumes():
     return phantom_volumes(3, (32, 32, 32), seed=0)
 
 
-def run(volumes, out, steps=6, stop_after=None, resume=False):
+def objective(kind: str):
+    if kind == "gtan":  # 3 widths over the first half of 6 steps: growth at steps 2 and 3
+        teacher = UNet3D(UNetConfig(widths=(8, 16)))
+        return GTANObjective(teacher, TINY, UNetConfig(widths=(8, 12)), n_widths=3, grow_until=0.5)
+    return Supervised(UNet3D(TINY))
+
+
+def run(volumes, out, steps=6, stop_after=None, resume=False, kind="supervised"):
     vols, spec = volumes
     torch.manual_seed(0)
     dataset = PatchDataset(vols[:2], (16, 16, 16), augment=Augment(), seed=3)
     settings = TrainSettings(steps=steps, batch_size=2, lr=3e-3, val_every=2)
-    return train(Supervised(UNet3D(TINY)), dataset, vols[2:], spec, settings, out, stop_after=stop_after,
+    return train(objective(kind), dataset, vols[2:], spec, settings, out, stop_after=stop_after,
                  resume=resume, stage="student")
 
 
-def test_resume_continues_exactly(volumes, tmp_path):
-    whole = run(volumes, tmp_path / "a" / "model.pt")
+@pytest.mark.parametrize(("kind", "stop"), [("supervised", 4), ("gtan", 2)])
+def test_resume_continues_exactly(volumes, tmp_path, kind, stop):
+    whole = run(volumes, tmp_path / "a" / "model.pt", kind=kind)
     out = tmp_path / "b" / "model.pt"
-    first = run(volumes, out, stop_after=4)  # "killed" right after its step-4 checkpoint
+    first = run(volumes, out, stop_after=stop, kind=kind)  # "killed" right after a checkpoint
     assert not first["finished"] and not out.exists() and partial_path(out).exists()
     with pytest.raises(PartialCheckpointExists, match="--resume"):
-        run(volumes, out)
-    resumed = run(volumes, out, resume=True)
+        run(volumes, out, kind=kind)
+    resumed = run(volumes, out, resume=True, kind=kind)
     assert resumed["finished"] and resumed["step"] == whole["step"] == 6
     assert len(resumed["step_loss"]) == 6
     np.testing.assert_allclose(resumed["step_loss"], whole["step_loss"], rtol=1e-5)

@@ -40,7 +40,7 @@ def build_engine(
     calib_data: Path = typer.Option(
         None, "--calib-data", help="Folder of NIfTI volumes for int8 calibration (default: ./calib_data)."
     ),
-    calib_method: str = typer.Option("entropy", "--calib-method", help="minmax, entropy or percentile."),
+    calib_method: str = typer.Option("minmax", "--calib-method", help="minmax (default), entropy or percentile."),
     backend: str = typer.Option("auto", "--backend", help="auto, tensorrt or onnxruntime."),
     workspace: int = typer.Option(1024, "--workspace", help="TensorRT workspace limit in MiB."),
     min_agreement: float = typer.Option(0.995, "--min-agreement", help="Refuse the bundle below this Dice vs fp32."),

@@ -21,7 +21,10 @@ def profile(
         None, "--engine", "-e", help="Engine bundle folder; repeat to compare. Default: the newest under engines/."
     ),
     backend: list[str] = typer.Option(
-        None, "--backend", "-b", help="auto | onnxruntime | tensorrt | torch; repeat to compare. Default: auto."
+        None,
+        "--backend",
+        "-b",
+        help="auto | onnxruntime | tensorrt | torch; repeat to compare (every engine on every backend). Default: auto.",
     ),
     volumes: Path | None = typer.Option(None, "--volumes", help="Folder of NIfTI CTs (or a data set layout)."),
     synthetic: int | None = typer.Option(
