@@ -12,10 +12,11 @@ class OnnxRuntimeRunner(Runner):
 
     name = "onnxruntime"
 
-    def __init__(self, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, providers: list[str] | None = None, threads: int | None = None, spin: bool = False):
         super().__init__()
         self.providers = providers
         self.threads = threads
+        self.spin = spin
         self.session = None
 
     def load(self, bundle) -> OnnxRuntimeRunner:
@@ -28,6 +29,9 @@ class OnnxRuntimeRunner(Runner):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = self.threads or (os.cpu_count() or 1)
         opts.log_severity_level = 3
+        # Idle worker threads spin by default, taking cores from the numpy/scipy stages between
+        # two runs and from anything else on a small CPU; off measured faster here (issue 6 sweep).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
         available = ort.get_available_providers()
         providers = self.providers or ["CPUExecutionProvider"]
         missing = [p for p in providers if p not in available]

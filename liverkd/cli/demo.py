@@ -1,3 +1,88 @@
-"""CLI: see the module that it calls for the work itself."""
+"""`liverkd demo`: the whole job on built-in phantoms, one CLI command after another.
 
-from liverkd.cli.app import app  # noqa: F401
+Each step runs the same `liverkd ...` command a user would type (as a subprocess), so the
+demo shows and checks exactly the tool people use.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+from liverkd.cli.app import app
+
+SHARED_CT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "totalseg_example"
+
+
+def demo_steps(config: str, out: Path, calib: Path) -> list[tuple[str, list[str], str]]:
+    """(title, liverkd arguments, what it produced)."""
+    import yaml
+
+    run_dir = Path(yaml.safe_load(Path(config).read_text())["run_dir"])
+    student = run_dir / "student.pt"
+    fp32, int8 = Path("engines/quick-student-fp32"), Path("engines/quick-student-int8")
+    test = out / "test"
+    steps = [
+        ("Calibration volumes (phantoms)", ["data", "synth", "--out", str(calib), "--n", "20", "--seed", "1000"],
+         f"{calib}/imagesTr/*.nii.gz"),
+        ("Held-out test phantoms", ["data", "synth", "--out", str(test), "--n", "4", "--seed", "5000", "--preview"],
+         f"{test}/preview.png"),
+        ("Distil: teacher -> GTAN -> student", ["distill", "run", config], f"{student}, {run_dir}/*.png"),
+        ("Student size", ["model-info", "student-30k", "--shape", "64", "64", "64"], "params, GFLOPs"),
+        ("Engine fp32 (ONNX Runtime here, TensorRT on a GPU)",
+         ["build-engine", str(student), "--precision", "fp32", "--out", str(fp32)], f"{fp32}/engine.json"),
+        ("Engine int8 (calibrated on calib_data)",
+         ["build-engine", str(student), "--precision", "int8", "--calib-data", str(calib), "--out", str(int8)],
+         f"{int8}/engine.json"),
+        ("Infer on the held-out phantoms",
+         ["infer", str(test / "imagesTr"), "-o", str(out / "masks"), "--engine", str(fp32), "--stats", "--preview"],
+         f"{out}/masks/*_liver.nii.gz (+ .json stats, .png overlays)"),
+        ("Evaluate against their labels", ["evaluate", str(out / "masks"), str(test / "labelsTr")], "Dice, HD95, ASSD"),
+    ]
+    if (SHARED_CT / "ct_3mm.nii.gz").is_file():
+        steps += [
+            ("Infer on a real CT (../shared/data; the model has only seen phantoms)",
+             ["infer", str(SHARED_CT / "ct_3mm.nii.gz"), "-o", str(out / "real_ct_liver.nii.gz"),
+              "--engine", str(fp32), "--preview"], f"{out}/real_ct_liver.nii.gz"),
+            ("Evaluate the real CT against TotalSegmentator's liver",
+             ["evaluate", str(out / "real_ct_liver.nii.gz"), str(SHARED_CT / "liver_ref_3mm.nii.gz")], "Dice, HD95"),
+        ]
+    steps.append(
+        ("Profile every stage, fp32 vs int8",
+         ["profile", "--engine", str(fp32), "--engine", str(int8), "--synthetic", "4", "--warmup", "2",
+          "--runs", "10", "--plot", str(out / "profile.png"), "--json", str(out / "profile.json")],
+         f"{out}/profile.png, {out}/profile.json"),
+    )
+    return steps
+
+
+@app.command()
+def demo(
+    config: str = typer.Option("configs/quick.yaml", help="Distillation config to run."),
+    out: Path = typer.Option(Path("runs/demo"), help="Folder for the demo's outputs."),
+    calib: Path = typer.Option(Path("calib_data"), help="Folder to fill with calibration phantoms."),
+):
+    """Run the whole job on built-in phantoms: synth -> distil -> build-engine -> infer -> evaluate -> profile."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    out.mkdir(parents=True, exist_ok=True)
+    produced = []
+    started = time.perf_counter()
+    for title, args, what in demo_steps(config, out, calib):
+        console.rule(f"[bold]{title}")
+        console.print(f"$ liverkd {' '.join(args)}", style="dim")
+        t0 = time.perf_counter()
+        code = subprocess.call([sys.executable, "-m", "liverkd", *args])
+        if code != 0:
+            console.print(f"[red]demo: step '{title}' failed (exit {code})")
+            raise typer.Exit(code)
+        produced.append((title, what, time.perf_counter() - t0))
+    console.rule("[bold]What the demo produced")
+    for title, what, seconds in produced:
+        console.print(f"{seconds:7.1f} s  {title}: {what}")
+    console.print(f"done in {time.perf_counter() - started:.0f} s")
