@@ -195,15 +195,16 @@ class Segmenter:
         mask = self._segment(vol, clock)
         with clock.stage("resample_back"):
             img = V.to_nifti(mask, vol.affine, vol.header)
-        voxels = int(np.count_nonzero(mask))
-        result = SegmentResult(
-            input=str(in_path),
-            output=str(out_path),
-            liver_ml=voxels * float(np.prod(vol.spacing)) / 1000.0,
-            warnings=list(self.last_warnings),
-            liver_voxels=voxels,
-            mean_hu=float(vol.array[mask.astype(bool)].mean(dtype=np.float64)) if voxels else None,
-        )
+        with clock.stage("postprocess"):
+            voxels = int(np.count_nonzero(mask))
+            result = SegmentResult(
+                input=str(in_path),
+                output=str(out_path),
+                liver_ml=voxels * float(np.prod(vol.spacing)) / 1000.0,
+                warnings=list(self.last_warnings),
+                liver_voxels=voxels,
+                mean_hu=float(vol.array[mask.astype(bool)].mean(dtype=np.float64)) if voxels else None,
+            )
         with clock.stage("write"):
             V.save(img, out_path)
             if preview:
@@ -234,8 +235,9 @@ class Segmenter:
     def _segment(self, vol: V.Volume, clock: _Clock) -> np.ndarray:
         """The one pipeline. Returns the uint8 mask on `vol`'s voxel grid."""
         notes = list(vol.warnings)
-        for message in self._input_warnings(vol):
-            self._warn(notes, vol.path, message)
+        with clock.stage("read"):  # checking the input is part of reading it
+            for message in self._input_warnings(vol):
+                self._warn(notes, vol.path, message)
         with clock.stage("reorient_resample"):
             grid, geometry = to_spec_grid(vol, self.spec)
         with clock.stage("normalize"):

@@ -256,20 +256,45 @@ def resample(
         return array.astype(dtype if not label else array.dtype, copy=False)
     step = new_spacing / spacing  # source voxels per target voxel
     if label:
-        src = array
-        order = 0
-        dtype = array.dtype
-    else:
-        src = array.astype(np.float32, copy=False)
-        sigma = np.where(step > 1, (step - 1) / 2, 0)
-        if np.any(sigma > 0):
-            src = ndimage.gaussian_filter(src, sigma=sigma, mode="nearest")
-        order = 1
+        return _nearest(array, step, out_shape)
+    src, step, offset = _block_mean(array, step)
+    sigma = np.where(step > 1, (step - 1) / 2, 0)
+    if np.any(sigma > 0):
+        src = ndimage.gaussian_filter(src, sigma=sigma, mode="nearest")
     out = np.empty(out_shape, dtype=dtype)
     ndimage.affine_transform(
-        src, step, output_shape=out_shape, output=out, order=order, mode="nearest", prefilter=False
+        src, step, offset=offset, output_shape=out_shape, output=out, order=1, mode="nearest", prefilter=False
     )
     return out
+
+
+def _nearest(array: np.ndarray, step, out_shape) -> np.ndarray:
+    """Nearest-neighbour resampling of an axis-aligned grid: one index per axis, no 3-D interpolation."""
+    out = array
+    for axis, (n_in, n_out, st) in enumerate(zip(array.shape, out_shape, step)):
+        index = np.clip(np.floor(np.arange(n_out) * st + 0.5).astype(np.intp), 0, n_in - 1)
+        out = out.take(index, axis=axis)
+    return np.ascontiguousarray(out)
+
+
+def _block_mean(array: np.ndarray, step):
+    """Average k x k x k blocks (k = whole source voxels per target voxel, per axis) as float32.
+
+    A box filter is the bulk of the anti-aliasing a large downsampling needs, and it shrinks
+    the volume before the Gaussian and the interpolation run: on a 512x512x300 CT going to
+    3 mm this is several times faster and needs no full-size float32 copy. Returns the pooled
+    array and the step and offset that map target voxels into it.
+    """
+    k = np.maximum(np.floor(step).astype(int), 1)
+    if np.all(k == 1):
+        return array.astype(np.float32, copy=False), step, np.zeros(3)
+    pad = [(0, (-n) % kk) for n, kk in zip(array.shape, k)]
+    if any(p for _, p in pad):
+        array = np.pad(array, pad, mode="edge")
+    blocks = array.reshape(array.shape[0] // k[0], k[0], array.shape[1] // k[1], k[1], array.shape[2] // k[2], k[2])
+    pooled = blocks.mean(axis=(1, 3, 5), dtype=np.float32)
+    # pooled voxel j is centred on source index j*k + (k-1)/2
+    return pooled, step / k, -(k - 1) / (2 * k)
 
 
 def scaled_affine(affine: np.ndarray, spacing, new_spacing) -> np.ndarray:
