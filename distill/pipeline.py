@@ -200,7 +200,7 @@ def ablation(cfg: Config, *, seeds: int = 3, resume: bool = False) -> dict:
 def summarize(preset: str, method: str, runs: list[dict]) -> dict:
     def stats(key):
         values = np.array([r[key] for r in runs], dtype=float)
-        return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None
 
     dice_m, dice_sd = stats("dice")
     hd_m, hd_sd = stats("hd95")
@@ -220,9 +220,14 @@ def markdown_table(table: dict) -> str:
     ]
     for r in table["rows"]:
         lines.append(f"| {r['preset']} | {METHOD_NAMES[r['method']]} | {r['params']:,} | "
-                     f"{r['dice_mean']:.3f} ± {r['dice_sd']:.3f} | {fmt(r['hd95_mean'])} ± {fmt(r['hd95_sd'])} | "
+                     f"{r['dice_mean']:.3f}{sd(r['dice_sd'], 3)} | {fmt(r['hd95_mean'])}{sd(r['hd95_sd'], 1)} | "
                      f"{r['seconds_mean']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def sd(x, digits: int) -> str:
+    """' ± sd', or nothing for a single seed."""
+    return "" if x is None else f" ± {x:.{digits}f}"
 
 
 def fmt(x) -> str:
