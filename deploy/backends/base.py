@@ -41,7 +41,7 @@ class Runner(abc.ABC):
             self.last_timings = {"h2d": 0.0, "network": time.perf_counter() - t0, "d2h": 0.0}
         return out
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook: most runners hold nothing to release)
         pass
 
     def describe(self) -> str:
