@@ -18,6 +18,13 @@ from liverkd.cli.app import app
 SHARED_CT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "totalseg_example"
 
 
+INT8_MAY_FAIL = (
+    "refused by the accuracy gate (a Dice change vs fp32 larger than --min-agreement): the tool "
+    "working as meant. The 30k student's 2-9 channel layers lose that much in INT8 (docs/results.md); "
+    "the demo goes on with fp32"
+)
+
+
 def demo_steps(config: str, out: Path, calib: Path) -> list[tuple[str, list[str], str]]:
     """(title, liverkd arguments, what it produced)."""
     import yaml
@@ -74,11 +81,18 @@ def demo(
     produced = []
     started = time.perf_counter()
     for title, args, what in demo_steps(config, out, calib):
+        if args[0] == "profile" and not Path(args[args.index("--engine", 3) + 1], "engine.json").is_file():
+            i = args.index("--engine", 3)  # no int8 bundle: compare backends on the fp32 one instead
+            args = args[:i] + ["--backend", "onnxruntime", "--backend", "torch"] + args[i + 2:]
+            title = "Profile every stage, ONNX Runtime vs PyTorch (fp32)"
         console.rule(f"[bold]{title}")
         console.print(f"$ liverkd {' '.join(args)}", style="dim")
         t0 = time.perf_counter()
         code = subprocess.call([sys.executable, "-m", "liverkd", *args])
-        if code != 0:
+        if code != 0 and "int8" in args:
+            console.print(f"[yellow]demo: int8 {INT8_MAY_FAIL}")
+            what = "no int8 bundle (accuracy gate)"
+        elif code != 0:
             console.print(f"[red]demo: step '{title}' failed (exit {code})")
             raise typer.Exit(code)
         produced.append((title, what, time.perf_counter() - t0))
