@@ -44,6 +44,7 @@ def step_timer(objective, x, y, device):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--student", default="student-30k")
+    ap.add_argument("--assistant", default="ta", help="preset whose widths the assistant grows to")
     ap.add_argument("--patch", type=int, default=64, help="cubic patch edge (voxels)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
@@ -57,7 +58,7 @@ def main():
     y = (x[:, 0] > 0.5).long()
     teacher = create_model("teacher").to(device)
     kd = KnowledgeDistillation(create_model(args.student), teacher)
-    gtan = GTANObjective(teacher, PRESETS[args.student], PRESETS["ta"], n_widths=args.widths,
+    gtan = GTANObjective(teacher, PRESETS[args.student], PRESETS[args.assistant], n_widths=args.widths,
                          grow_until=args.grow_until)
     timers = {"kd": step_timer(kd, x, y, device)}
     for k in range(1, args.widths + 1):
@@ -77,7 +78,7 @@ def main():
     for s in range(steps):
         share[assistant_index(s, steps, args.widths, args.grow_until)] += 1 / steps
     print(f"device {device}, {torch.get_num_threads()} threads, batch {args.batch} x {args.patch}^3, "
-          f"student {args.student}, assistant ta, teacher; median of {args.repeats}")
+          f"student {args.student}, assistant {args.assistant}, teacher; median of {args.repeats}")
     print(f"  KD step                  {med['kd'] * 1e3:8.1f} ms")
     for k in range(1, args.widths + 1):
         widths = gtan.slim.schedule[k]
