@@ -3,9 +3,10 @@
     make bench                                        # or: .venv/bin/python benchmarks/network_cpu.py
     .venv/bin/python benchmarks/network_cpu.py --tune # + the ONNX Runtime settings sweep (30k student)
 
-Runtimes: PyTorch eager fp32, ONNX Runtime fp32 and int8 (Q/DQ) through deploy's own
-OnnxRuntimeRunner, and OpenVINO fp32 / bf16 (where the CPU has it) / int8 (it reads the same
-Q/DQ file) when installed (`pip install -e '.[bench]'`; skipped with a message otherwise).
+Runtimes: PyTorch eager fp32, then ONNX Runtime and OpenVINO through deploy's own runners
+(OnnxRuntimeRunner, OpenVINORunner): ONNX Runtime fp32 and int8 (Q/DQ), OpenVINO fp32 / bf16
+(where the CPU has it) / int8 (it reads the same Q/DQ file) when installed
+(`pip install -e '.[openvino]'`; skipped with a message otherwise).
 The bundles are built by
 deploy.build.build_engine, the code behind `liverkd build-engine` (export with BatchNorm
 folded and onnxsim; int8 calibrated with minmax on phantoms), so the files timed are the
@@ -139,17 +140,11 @@ def ort_runner(bundle, threads: int) -> Callable[[np.ndarray], np.ndarray]:
     return OnnxRuntimeRunner(threads=threads).load(bundle).infer
 
 
-def openvino(onnx_path, threads: int, precision: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """OpenVINO CPU. `precision` "f32" / "bf16" sets INFERENCE_PRECISION_HINT; unset, OpenVINO picks
-    (bf16 on CPUs with AMX / AVX512-BF16, so an fp32 ONNX would silently run in bf16 there)."""
-    import openvino as ov
+def ov_runner(bundle, threads: int, inference_precision: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """OpenVINO CPU: an fp32 bundle runs in f32, "bf16" asks for bf16 (see OpenVINORunner)."""
+    from deploy.backends.openvino import OpenVINORunner
 
-    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
-    if precision:
-        config["INFERENCE_PRECISION_HINT"] = precision
-    compiled = ov.Core().compile_model(str(onnx_path), "CPU", config)
-    request = compiled.create_infer_request()
-    return lambda x: request.infer({0: x})[0]
+    return OpenVINORunner(threads=threads, inference_precision=inference_precision).load(bundle).infer
 
 
 def bf16_capable() -> bool:
@@ -161,7 +156,7 @@ def openvino_available() -> tuple[bool, str]:
     try:
         import openvino  # noqa: F401
     except ImportError:
-        return False, "OpenVINO not installed (pip install -e '.[bench]'): skipped"
+        return False, "OpenVINO not installed (pip install -e '.[openvino]'): skipped"
     return True, ""
 
 
@@ -281,10 +276,10 @@ def main(argv=None) -> int:
                 "ONNX Runtime int8": ort_runner(b["int8"], args.threads),
             }
             if have_ov:
-                fns["OpenVINO fp32"] = openvino(b["fp32"].file("onnx"), args.threads, "f32")
+                fns["OpenVINO fp32"] = ov_runner(b["fp32"], args.threads)
                 if bf16_capable():
-                    fns["OpenVINO bf16"] = openvino(b["fp32"].file("onnx"), args.threads, "bf16")
-                fns["OpenVINO int8 (Q/DQ)"] = openvino(b["int8"].file("onnx_int8"), args.threads)
+                    fns["OpenVINO bf16"] = ov_runner(b["fp32"], args.threads, "bf16")
+                fns["OpenVINO int8 (Q/DQ)"] = ov_runner(b["int8"], args.threads)
             reference = fns["PyTorch eager fp32"](x)
             errors = {name: max_logit_error(fn(x), reference) for name, fn in fns.items()}
             console.print(f"timing {preset}: {', '.join(fns)} ...")

@@ -58,7 +58,7 @@ def build_parser(prog: str = "python -m deploy.runner") -> argparse.ArgumentPars
     add("--inbox", required=True, type=Path, metavar="DIR", help="folder to watch for NIfTI volumes")
     add("--outbox", required=True, type=Path, metavar="DIR", help="folder for masks and stats JSON")
     add("--failed", type=Path, metavar="DIR", help="failed inputs and their .error.json (default INBOX/failed)")
-    add("--backend", default="auto", help="auto, onnxruntime, tensorrt or torch (default auto)")
+    add("--backend", default="auto", help="auto, onnxruntime, tensorrt, torch or openvino (default auto)")
     add("--once", action="store_true", help="process what is in the inbox, then exit")
     add("--poll-ms", type=int, default=100, metavar="MS", help="poll interval; a file unchanged this long is complete")
     add("--log", type=Path, metavar="FILE", help="JSON-lines log (default: stdout)")

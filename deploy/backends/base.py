@@ -5,7 +5,7 @@ import time
 
 import numpy as np
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch", "openvino")
 
 
 class RunnerError(RuntimeError):
@@ -75,6 +75,10 @@ def open_runner(bundle, backend: str = "auto", **options) -> Runner:
         from deploy.backends.tensorrt import TensorRTRunner
 
         return TensorRTRunner(**options).load(bundle)
+    if backend == "openvino":
+        from deploy.backends.openvino import OpenVINORunner
+
+        return OpenVINORunner(**options).load(bundle)
     from deploy.backends.torch import TorchRunner
 
     return TorchRunner(**options).load(bundle)

@@ -44,7 +44,9 @@ class TorchRunner(Runner):
         half = self.half if self.half is not None else (bundle.precision == "fp16" and device.startswith("cuda"))
         self.torch = torch
         self.dtype = torch.float16 if half else torch.float32
-        self.model = model.to(device=device, dtype=self.dtype).eval()
+        # channels-last 3-D: measured 2.4x (30k) and 3.2x (100k) faster fp32 on an H200 (docs/results.md)
+        self.memory_format = torch.channels_last_3d if device.startswith("cuda") else torch.contiguous_format
+        self.model = model.to(device=device, dtype=self.dtype, memory_format=self.memory_format).eval()
         self.device = device if device == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})"
         self.cuda = device.startswith("cuda")
         self.precision = "fp16" if half else "fp32"
@@ -62,7 +64,7 @@ class TorchRunner(Runner):
                 return out
             events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
             events[0].record()
-            xd = host.to(dev, non_blocking=False).to(self.dtype)
+            xd = host.to(dev, non_blocking=False).to(self.dtype).contiguous(memory_format=self.memory_format)
             events[1].record()
             yd = self.model(xd)
             events[2].record()

@@ -66,7 +66,7 @@ def infer(
         None, "-o", "--output", help="Output .nii.gz (one input) or folder; default <input>_liver.nii.gz beside it."
     ),
     engine: Path | None = typer.Option(None, "--engine", help="Engine bundle folder; default: the newest in engines/."),
-    backend: str = typer.Option("auto", "--backend", help="auto, onnxruntime, tensorrt or torch."),
+    backend: str = typer.Option("auto", "--backend", help="auto, onnxruntime, tensorrt, torch or openvino (CPU)."),
     stats: bool = typer.Option(False, "--stats", help="Also write <output>.json: liver volume (mL), mean HU, timings."),
     preview: bool = typer.Option(False, "--preview", help="Also write <output>.png: axial/coronal/sagittal overlays."),
     json_lines: bool = typer.Option(False, "--json", help="One JSON line per volume on stdout (paths, mL, timings)."),

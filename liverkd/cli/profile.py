@@ -24,7 +24,8 @@ def profile(
         None,
         "--backend",
         "-b",
-        help="auto | onnxruntime | tensorrt | torch; repeat to compare (every engine on every backend). Default: auto.",
+        help="auto | onnxruntime | tensorrt | torch | openvino; repeat to compare (every engine on every backend). "
+        "Default: auto.",
     ),
     volumes: Path | None = typer.Option(None, "--volumes", help="Folder of NIfTI CTs (or a data set layout)."),
     synthetic: int | None = typer.Option(
