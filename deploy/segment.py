@@ -152,7 +152,7 @@ class Segmenter:
 
     @classmethod
     def load(cls, path, backend: str = "auto", *, overlap: float = 0.25, **runner_options) -> Segmenter:
-        """Open an engine bundle folder (or a Bundle) on `backend` (auto / onnxruntime / tensorrt / torch / openvino)."""
+        """Open an engine bundle folder (or a Bundle) on `backend`: auto, onnxruntime, tensorrt, torch, openvino."""
         bundle = path if isinstance(path, Bundle) else Bundle.load(path)
         return cls(bundle, open_runner(bundle, backend, **runner_options), overlap=overlap)
 
