@@ -63,8 +63,6 @@ def test_clean_mask_is_uint8_and_empty_stays_empty():
 def test_fill_holes_on_the_bounding_box_equals_the_whole_array():
     from scipy import ndimage
 
-    from deploy.postprocess import fill_holes
-
     rng = np.random.default_rng(3)
     mask = np.zeros((40, 40, 40), dtype=bool)
     mask[8:30, 5:25, 10:35] = rng.random((22, 20, 25)) > 0.3  # many cavities, some open to the box edge
