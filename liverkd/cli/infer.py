@@ -75,11 +75,11 @@ def infer(
     import warnings
 
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from deploy.backends.base import RunnerError
     from deploy.bundle import BundleError, newest_bundle
     from deploy.segment import Segmenter, output_path_for
+    from liverkd.cli.progress import volume_progress
     from liverkd.volume import VolumeError, VolumeWarning
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -124,16 +124,7 @@ def infer(
         if json_lines:
             print(json.dumps({"input": label, "output": None, "error": problem}), flush=True)
 
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        redirect_stdout=False,
-        disable=len(jobs) < 2,
-    )
+    progress = volume_progress(err, disable=len(jobs) < 2)
     with segmenter, progress, warnings.catch_warnings():
         warnings.simplefilter("ignore", VolumeWarning)  # shown below, once, per input
         task = progress.add_task("segmenting", total=len(jobs))

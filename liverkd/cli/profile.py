@@ -39,11 +39,11 @@ def profile(
 ):
     """Time every stage of segmenting a volume (read to write), per engine and backend."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from deploy.backends.base import RunnerError
     from deploy.bundle import BundleError, newest_bundle
     from deploy.profile import profile as run
+    from liverkd.cli.progress import volume_progress
     from liverkd.volume import VolumeError
 
     console = Console() if sys.stdout.isatty() else Console(width=120)  # logs keep whole numbers
@@ -53,14 +53,7 @@ def profile(
         for path, option in ((json_out, "--json"), (csv_out, "--csv"), (plot, "--plot")):
             _check_output(path, option)
         engines = list(engine) if engine else [newest_bundle("engines").path]
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        ) as progress:
+        with volume_progress(console) as progress:
             report = run(
                 engines,
                 list(backend) if backend else ["auto"],
