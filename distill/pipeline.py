@@ -199,13 +199,18 @@ def ablation(cfg: Config, *, seeds: int = 3, resume: bool = False) -> dict:
 
 def summarize(preset: str, method: str, runs: list[dict]) -> dict:
     def stats(key):
+        """Mean and sd over the runs with a finite value (an empty prediction has no HD95)."""
         values = np.array([r[key] for r in runs], dtype=float)
+        values = values[np.isfinite(values)]
+        if len(values) == 0:
+            return None, None
         return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None
 
     dice_m, dice_sd = stats("dice")
     hd_m, hd_sd = stats("hd95")
     return {"preset": preset, "method": method, "params": runs[0]["params"], "dice_mean": dice_m, "dice_sd": dice_sd,
-            "hd95_mean": hd_m, "hd95_sd": hd_sd, "seconds_mean": stats("seconds")[0], "runs": runs}
+            "hd95_mean": hd_m, "hd95_sd": hd_sd, "seconds_mean": stats("seconds")[0], "runs": runs,
+            "empty_predictions": sum(1 for r in runs if r["dice"] == 0.0)}
 
 
 def markdown_table(table: dict) -> str:
@@ -219,8 +224,10 @@ def markdown_table(table: dict) -> str:
         f"| teacher | - | {t['params']:,} | {t['dice']:.3f} | {fmt(t['hd95'])} | {t['seconds']:.0f} |",
     ]
     for r in table["rows"]:
+        empty = r.get("empty_predictions", 0)
+        note = f" ({empty} of {len(r['runs'])} seeds: no liver found)" if empty else ""
         lines.append(f"| {r['preset']} | {METHOD_NAMES[r['method']]} | {r['params']:,} | "
-                     f"{r['dice_mean']:.3f}{sd(r['dice_sd'], 3)} | {fmt(r['hd95_mean'])}{sd(r['hd95_sd'], 1)} | "
+                     f"{r['dice_mean']:.3f}{sd(r['dice_sd'], 3)}{note} | {fmt(r['hd95_mean'])}{sd(r['hd95_sd'], 1)} | "
                      f"{r['seconds_mean']:.0f} |")
     return "\n".join(lines) + "\n"
 
