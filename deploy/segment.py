@@ -203,7 +203,7 @@ class Segmenter:
                 liver_ml=voxels * float(np.prod(vol.spacing)) / 1000.0,
                 warnings=list(self.last_warnings),
                 liver_voxels=voxels,
-                mean_hu=float(vol.array[mask.astype(bool)].mean(dtype=np.float64)) if voxels else None,
+                mean_hu=float(np.sum(vol.array, where=mask.view(bool), dtype=np.float64)) / voxels if voxels else None,
             )
         with clock.stage("write"):
             V.save(img, out_path)
