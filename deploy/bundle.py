@@ -76,7 +76,7 @@ class Bundle:
             meta = json.loads(meta_path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise BundleError(f"{meta_path}: unreadable engine.json ({e})") from None
-        if meta.get("format") != FORMAT:
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise BundleError(f"{meta_path}: not a liverkd engine.json")
         if meta.get("version", 0) > VERSION:
             raise BundleError(f"{meta_path}: bundle version {meta['version']} is newer than this liverkd")
@@ -84,6 +84,11 @@ class Bundle:
             if key not in meta:
                 raise BundleError(f"{meta_path}: missing key {key!r}")
         bundle = cls(path, meta)
+        try:  # a hand-edited or newer engine.json: one line here, not a traceback in the Segmenter
+            PreprocessSpec.from_dict(meta["spec"])
+            tuple(meta["input"]["shape"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"{meta_path}: invalid spec or input shape ({type(e).__name__}: {e})") from None
         onnx = bundle.file("onnx")
         if onnx is None or not onnx.is_file():
             raise BundleError(f"{path}: model.onnx named in engine.json is missing")

@@ -97,6 +97,16 @@ def read_input(path) -> V.Volume:
     return vol
 
 
+def mask_image(mask: np.ndarray, vol: V.Volume) -> nib.Nifti1Image:
+    """The mask on `vol`'s geometry. The input's display range (cal_min/max) and intent describe
+    CT intensities, not a 0/1 label map (a viewer would show the mask black), so they are reset."""
+    img = V.to_nifti(mask, vol.affine, vol.header)
+    img.header["cal_min"] = 0
+    img.header["cal_max"] = 0
+    img.header.set_intent("none")
+    return img
+
+
 def check_output(out_path, in_path=None) -> Path:
     """Refuse an output that cannot be written, before any work is done."""
     out_path = Path(out_path)
@@ -168,7 +178,7 @@ class Segmenter:
             vol = V.from_image(img, img.get_filename() or "<image>")
         mask = self._segment(vol, clock)
         with clock.stage("resample_back"):
-            out = V.to_nifti(mask, vol.affine, vol.header)
+            out = mask_image(mask, vol)
         self.last_timings = clock.timings()
         return out
 
@@ -194,7 +204,7 @@ class Segmenter:
             vol = read_input(in_path)
         mask = self._segment(vol, clock)
         with clock.stage("resample_back"):
-            img = V.to_nifti(mask, vol.affine, vol.header)
+            img = mask_image(mask, vol)
         with clock.stage("postprocess"):
             voxels = int(np.count_nonzero(mask))
             result = SegmentResult(

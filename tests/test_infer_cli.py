@@ -125,6 +125,27 @@ def test_no_engine_is_a_clear_error(liverkd_cmd, tmp_path):
     assert not (tmp_path / "ct_liver.nii.gz").exists()
 
 
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (lambda m: m["spec"].update(extra=1), "unknown PreprocessSpec keys"),
+        (lambda m: m["input"].pop("shape"), "KeyError"),
+        (lambda m: m.update(spec=None), "invalid spec"),
+    ],
+)
+def test_broken_engine_json_is_a_one_line_error(liverkd_cmd, tmp_path, edit, problem):
+    bundle = make_bundle(tmp_path / "broken")
+    meta = json.loads((bundle / "engine.json").read_text())
+    edit(meta)
+    (bundle / "engine.json").write_text(json.dumps(meta))
+    src = write_ct(tmp_path / "ct.nii.gz")
+    proc = run(liverkd_cmd, src, "--engine", bundle)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert "engine.json" in proc.stderr and problem in proc.stderr
+    assert not (tmp_path / "ct_liver.nii.gz").exists()
+
+
 def test_dicom_series_folder(liverkd_cmd, engine, tmp_path):
     pytest.importorskip("pydicom", reason="the optional extra `dicom` (pydicom) is not installed")
     from test_dicom import write_series

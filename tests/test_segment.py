@@ -118,6 +118,19 @@ def test_axis_order_and_flips_do_not_change_the_answer(edge_bundle):
     assert np.array_equal(mask_zxy.transpose(1, 2, 0), mask_ras)
 
 
+def test_mask_header_drops_the_inputs_display_range_and_intent(seg, tmp_path):
+    """cal_min/cal_max of a CT (-1000..2000) would make viewers show the 0/1 mask black."""
+    img = nifti(synthetic_ct((32, 30, 24)))
+    img.header["cal_min"], img.header["cal_max"] = -1000, 2000
+    img.header.set_intent("t test", (5.0,), name="tstat")
+    path = tmp_path / "ct.nii.gz"
+    nib.save(img, path)
+    for out in (seg.segment(img), nib.load(seg.segment_file(path).output)):
+        assert (float(out.header["cal_min"]), float(out.header["cal_max"])) == (0.0, 0.0)
+        assert out.header.get_intent() == ("none", (), "")
+        assert np.array_equal(out.affine, img.affine)
+
+
 def test_stage_timings_are_named_and_ordered(seg, tmp_path):
     img = nifti(synthetic_ct((40, 36, 28)))
     seg.segment(img)
