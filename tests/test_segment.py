@@ -215,22 +215,25 @@ def test_segment_volume_returns_a_mask_volume(seg):
     assert np.array_equal(mask.affine, vol.affine)
 
 
-def test_deploy_runs_without_importing_torch(random_bundle, tmp_path):
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_deploy_runs_without_importing_torch(random_bundle, tmp_path, backend):
+    if backend == "openvino":
+        pytest.importorskip("openvino", reason="openvino is not installed (pip install 'liverkd[openvino]')")
     path = tmp_path / "ct.nii.gz"
     nib.save(nifti(synthetic_ct((32, 30, 24))), path)
     code = (
         "import sys\n"
         "import nibabel as nib\n"
         "from deploy import Segmenter\n"
-        f"seg = Segmenter.load({str(random_bundle)!r}, backend='onnxruntime')\n"
+        f"seg = Segmenter.load({str(random_bundle)!r}, backend={backend!r})\n"
         f"out = seg.segment(nib.load({str(path)!r}))\n"
         f"seg.segment_file({str(path)!r}, {str(tmp_path / 'out.nii.gz')!r})\n"
         "assert out.shape == (32, 30, 24)\n"
-        "print('torch' in sys.modules, sorted(m for m in sys.modules if m.startswith('distill')))\n"
+        "print(seg.runner.name, 'torch' in sys.modules, sorted(m for m in sys.modules if m.startswith('distill')))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "False []"
+    assert proc.stdout.strip() == f"{backend} False []"
     assert (tmp_path / "out.nii.gz").is_file()
 
 
