@@ -119,7 +119,7 @@ def fp16_onnx(path: Path) -> Path:
     out = path.with_suffix(".fp16.onnx")
     if not out.exists():
         try:
-            from deploy.fp16 import to_fp16
+            from liverkd.deploy.fp16 import to_fp16
         except ImportError as e:
             raise Skip(f"fp16 conversion needs onnx + onnxruntime ({e})") from None
         to_fp16(path, out)
@@ -151,8 +151,8 @@ def tensorrt_runner(path: Path, precision: str, folder: Path):
         import tensorrt  # noqa: F401
     except ImportError as e:
         raise Skip(f"TensorRT not installed ({e})") from None
-    from deploy.backends.tensorrt import TensorRTRunner, build_plan
-    from deploy.bundle import Bundle
+    from liverkd.deploy.backends.tensorrt import TensorRTRunner, build_plan
+    from liverkd.deploy.bundle import Bundle
 
     bundle_dir = folder / f"trt-{path.stem}-{precision}"
     bundle_dir.mkdir(exist_ok=True)
@@ -228,8 +228,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import torch
-
-    from distill.models import count_params, create_model
+    from liverkd.distill.models import count_params, create_model
 
     t_start = time.perf_counter()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -240,7 +239,7 @@ def main(argv=None) -> int:
     torch.backends.cudnn.benchmark = True
     models = []
     if args.checkpoint:
-        from distill.checkpoint import model_from_checkpoint
+        from liverkd.distill.checkpoint import model_from_checkpoint
 
         models = [(Path(c).stem, model_from_checkpoint(c)[0]) for c in args.checkpoint]
     else:

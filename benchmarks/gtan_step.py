@@ -15,10 +15,9 @@ import statistics
 import time
 
 import torch
-
-from distill.gtan import GTANObjective, assistant_index
-from distill.models import PRESETS, create_model
-from distill.train import KnowledgeDistillation
+from liverkd.distill.gtan import GTANObjective, assistant_index
+from liverkd.distill.models import PRESETS, create_model
+from liverkd.distill.train import KnowledgeDistillation
 
 
 def step_timer(objective, x, y, device):

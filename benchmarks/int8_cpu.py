@@ -77,14 +77,14 @@ def main(argv=None) -> int:
 
     import onnxruntime as ort
     import torch
+    from liverkd.deploy.calibrate import phantom_input, quantize_int8
+    from liverkd.deploy.device_info import cpu_model
+    from liverkd.deploy.export import export_onnx
+    from liverkd.deploy.fp16 import to_fp16
+    from liverkd.distill.checkpoint import save_checkpoint
+    from liverkd.distill.models import create_model
 
-    from deploy.calibrate import phantom_input, quantize_int8
-    from deploy.device_info import cpu_model
-    from deploy.export import export_onnx
-    from deploy.fp16 import to_fp16
-    from distill.checkpoint import save_checkpoint
-    from distill.models import create_model
-    from liverkd.spec import PreprocessSpec
+    from liverkd.core.spec import PreprocessSpec
 
     header = f"ONNX Runtime {ort.__version__} CPU, {cpu_model()}, {os.cpu_count()} threads, median of {args.runs}"
     rows = []

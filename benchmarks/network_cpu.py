@@ -95,12 +95,12 @@ def peak_gflops(n: int = 4096, repeats: int = 5) -> float:
 def build_bundles(preset: str, size: int, folder: Path, n_calib: int = 4) -> dict:
     """Random-init checkpoint -> fp32 and int8 ONNX Runtime bundles via deploy.build.build_engine."""
     import torch
+    from liverkd.deploy.build import build_engine
+    from liverkd.distill.checkpoint import save_checkpoint
+    from liverkd.distill.models import create_model
 
-    from deploy.build import build_engine
-    from distill.checkpoint import save_checkpoint
-    from distill.models import create_model
-    from liverkd.phantom import write_dataset
-    from liverkd.spec import PreprocessSpec
+    from liverkd.core.spec import PreprocessSpec
+    from liverkd.core.synth.phantom import write_dataset
 
     torch.manual_seed(0)
     spec = PreprocessSpec(spacing=(384 / size,) * 3, input_shape=(size,) * 3)
@@ -121,8 +121,7 @@ def build_bundles(preset: str, size: int, folder: Path, n_calib: int = 4) -> dic
 
 def torch_eager(checkpoint, threads: int) -> Callable[[np.ndarray], np.ndarray]:
     import torch
-
-    from distill.checkpoint import model_from_checkpoint
+    from liverkd.distill.checkpoint import model_from_checkpoint
 
     torch.set_num_threads(threads)
     model, _ = model_from_checkpoint(checkpoint)
@@ -135,14 +134,14 @@ def torch_eager(checkpoint, threads: int) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def ort_runner(bundle, threads: int) -> Callable[[np.ndarray], np.ndarray]:
-    from deploy.backends.onnxruntime import OnnxRuntimeRunner
+    from liverkd.deploy.backends.onnxruntime import OnnxRuntimeRunner
 
     return OnnxRuntimeRunner(threads=threads).load(bundle).infer
 
 
 def ov_runner(bundle, threads: int, inference_precision: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """OpenVINO CPU: an fp32 bundle runs in f32, "bf16" asks for bf16 (see OpenVINORunner)."""
-    from deploy.backends.openvino import OpenVINORunner
+    from liverkd.deploy.backends.openvino import OpenVINORunner
 
     return OpenVINORunner(threads=threads, inference_precision=inference_precision).load(bundle).infer
 
@@ -231,11 +230,10 @@ def ort_session(path: Path, level="all", intra=1, inter=1, parallel=False, arena
 
 
 def main(argv=None) -> int:
+    from liverkd.deploy.calibrate import phantom_input
+    from liverkd.deploy.device_info import describe, device_facts
     from rich.console import Console
     from rich.table import Table
-
-    from deploy.calibrate import phantom_input
-    from deploy.device_info import describe, device_facts
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=15, help="timed rounds (default 15)")

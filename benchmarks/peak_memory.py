@@ -61,7 +61,7 @@ def peak_rss(cmd: list[str]) -> tuple[int, str, str]:
 
 
 def default_engine(tmp: Path) -> Path:
-    from deploy.bundle import BundleError, newest_bundle
+    from liverkd.deploy.bundle import BundleError, newest_bundle
 
     try:
         return newest_bundle("engines").path
@@ -70,7 +70,7 @@ def default_engine(tmp: Path) -> Path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from _segment_bundle import make_bundle
 
-    from liverkd.spec import PreprocessSpec
+    from liverkd.core.spec import PreprocessSpec
 
     print("no bundle in engines/: building a random-init student-30k with the default spec", file=sys.stderr)
     return make_bundle(tmp / "engine", spec=PreprocessSpec())

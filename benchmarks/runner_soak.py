@@ -1,7 +1,7 @@
 """Soak test of the embedded device runner (deploy/runner.py), bounded in count and time.
 
 A feeder thread drops N phantom volumes (every tenth one corrupt, in rotating ways) into
-the inbox while `python -m deploy.runner` runs, each written as NAME.part and renamed.
+the inbox while `python -m liverkd.deploy.runner` runs, each written as NAME.part and renamed.
 Afterwards it checks that every input is in done/ or failed/, every good input has
 exactly one mask, every failed one an error file, the runner exited 0 on SIGTERM, and
 RSS grew less than 5% between volume 20 and volume N (from the runner's own log records).
@@ -33,8 +33,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from liverkd import volume as V
-from liverkd.phantom import synth_case
+from liverkd.core import volume as V
+from liverkd.core.synth.phantom import synth_case
 
 REPO = Path(__file__).resolve().parents[1]
 RSS_GROWTH_LIMIT = 5.0  # percent, between volume RSS_FROM and the last one
@@ -46,11 +46,11 @@ def make_test_bundle(folder, input_shape=(64, 64, 64), spacing=(6.0, 6.0, 6.0), 
     import warnings
 
     import torch
+    from liverkd.deploy.build import build_engine
+    from liverkd.distill.checkpoint import save_checkpoint
+    from liverkd.distill.models import create_model
 
-    from deploy.build import build_engine
-    from distill.checkpoint import save_checkpoint
-    from distill.models import create_model
-    from liverkd.spec import PreprocessSpec
+    from liverkd.core.spec import PreprocessSpec
 
     folder = Path(folder)
     torch.manual_seed(0)
@@ -128,7 +128,7 @@ def soak(
     inputs = make_inputs(n, shape, root, max_voxels)
     log_path, status_path = root / "runner.log", root / "status.json"
     cmd = [
-        sys.executable, "-m", "deploy.runner", "--engine", str(engine), "--inbox", str(inbox),
+        sys.executable, "-m", "liverkd.deploy.runner", "--engine", str(engine), "--inbox", str(inbox),
         "--outbox", str(outbox), "--log", str(log_path), "--status", str(status_path),
         "--poll-ms", str(poll_ms), "--heartbeat-s", "1", "--max-voxels", str(max_voxels),
     ]

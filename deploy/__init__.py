@@ -7,9 +7,9 @@ __all__ = ["Segmenter"]
 
 
 def __getattr__(name):
-    # Lazy, so that `import deploy.bundle` stays light; neither path imports torch.
+    # Lazy, so that `import liverkd.deploy.bundle` stays light; neither path imports torch.
     if name == "Segmenter":
-        from deploy.segment import Segmenter
+        from liverkd.deploy.segment import Segmenter
 
         return Segmenter
     raise AttributeError(f"module 'deploy' has no attribute {name!r}")

@@ -16,13 +16,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from liverkd.deploy import calibrate as C
+from liverkd.deploy.backends.base import RunnerError, open_runner
+from liverkd.deploy.bundle import Bundle
+from liverkd.deploy.fp16 import to_fp16
 
-from deploy import calibrate as C
-from deploy.backends.base import RunnerError, open_runner
-from deploy.bundle import Bundle
-from deploy.fp16 import to_fp16
-from liverkd.atomic import fsync_dir, sha256_file
-from liverkd.spec import PreprocessSpec
+from liverkd.core.atomic import fsync_dir, sha256_file
+from liverkd.core.spec import PreprocessSpec
 
 PRECISIONS = ("fp32", "fp16", "int8")
 BUILD_BACKENDS = ("auto", "tensorrt", "onnxruntime")
@@ -41,7 +41,7 @@ class BuildError(ValueError):
 
 def choose_backend(requested: str) -> tuple[str, str]:
     """(backend, why in a few words). auto = TensorRT when it and a GPU are present."""
-    from deploy.backends.tensorrt import target_here, tensorrt_available
+    from liverkd.deploy.backends.tensorrt import target_here, tensorrt_available
 
     if requested == "onnxruntime":
         return "onnxruntime", "asked for with --backend onnxruntime"
@@ -122,7 +122,7 @@ def _build_into(
     if source.suffix == ".onnx":
         spec, src = _take_onnx(source, tmp / "model.onnx")
     else:
-        from deploy.export import export_onnx
+        from liverkd.deploy.export import export_onnx
 
         result = export_onnx(source, tmp / "model.onnx")
         log(f"exported model.onnx: {result.summary().split(': ', 1)[1]}")
@@ -149,7 +149,7 @@ def _build_into(
 
     tensorrt = None
     if backend == "tensorrt":
-        from deploy.backends.tensorrt import build_plan
+        from liverkd.deploy.backends.tensorrt import build_plan
 
         plan_source = _plan_source(files, precision)
         log(f"building TensorRT plan from {plan_source} ({precision}, workspace {workspace_mib} MiB)")
@@ -209,8 +209,7 @@ def _build_into(
 def _take_onnx(source: Path, dest: Path) -> tuple[PreprocessSpec, dict]:
     """An exported ONNX (liverkd export): its spec and source facts from the metadata."""
     import onnx
-
-    from deploy import export as E
+    from liverkd.deploy import export as E
 
     try:
         model = onnx.load(str(source), load_external_data=False)
@@ -264,7 +263,7 @@ def _gate_inputs(held_out: list[Path], spec: PreprocessSpec) -> tuple[list[np.nd
 def accuracy_gate(bundle: Bundle, backend: str, inputs, names, min_agreement: float) -> tuple[dict, dict]:
     """The built model against fp32 ONNX Runtime on held-out inputs: Dice of the liver masks, max
     logit error, and the median latency of each (the speed warning's evidence)."""
-    from liverkd.metrics import dice
+    from liverkd.core.metrics import dice
 
     liver = int(bundle.spec.labels.get("liver", 1))
     reference = Bundle(bundle.path, {**bundle.meta, "precision": "fp32"})

@@ -14,8 +14,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from liverkd.atomic import write_json
-from liverkd.spec import PreprocessSpec
+from liverkd.core.atomic import write_json
+from liverkd.core.spec import PreprocessSpec
 
 FORMAT = "liverkd-engine"
 VERSION = 1

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from liverkd import volume as V
-from liverkd.atomic import atomic_path, write_text
-from liverkd.preprocess import normalize, to_spec_grid
-from liverkd.spec import PreprocessSpec
+from liverkd.core import volume as V
+from liverkd.core.atomic import atomic_path, write_text
+from liverkd.core.preprocess import prepare
+from liverkd.core.spec import PreprocessSpec
 
 METHODS = ("minmax", "entropy", "percentile")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -32,16 +32,16 @@ class CalibrationError(ValueError):
 
 
 def network_input(vol: V.Volume, spec: PreprocessSpec) -> np.ndarray:
-    """One volume as the network sees it: spec grid, HU window, centre crop/pad -> (1, 1, X, Y, Z)."""
-    grid, _ = to_spec_grid(vol, spec)
-    x = normalize(grid, spec)
-    x = V.crop_pad(x, V.plan_crop_pad(x.shape, spec.input_shape), fill=0.0)
+    """One volume as the network sees it (liverkd.core.preprocess.prepare), its centre window
+    when the grid is larger than the input -> float32 (1, 1, X, Y, Z)."""
+    x = prepare(vol, spec).x
+    x = V.crop_pad(x, V.plan_crop_pad(x.shape, spec.input_shape))
     return x[None, None].astype(np.float32, copy=False)
 
 
 def phantom_input(spec: PreprocessSpec, seed: int) -> np.ndarray:
-    """A synthetic CT (liverkd.phantom) at the network's input shape, preprocessed as inference does."""
-    from liverkd.phantom import synth_case
+    """A synthetic CT (liverkd.core.synth.phantom) at the network's input shape, preprocessed as inference does."""
+    from liverkd.core.synth.phantom import synth_case
 
     image, _label = synth_case(seed, shape=tuple(spec.input_shape))
     return network_input(image, spec)
@@ -211,9 +211,9 @@ FILES = {files!r}
 
 
 def load_data():
-    from deploy.calibrate import network_input
-    from liverkd import volume
-    from liverkd.spec import PreprocessSpec
+    from liverkd.deploy.calibrate import network_input
+    from liverkd.core import volume
+    from liverkd.core.spec import PreprocessSpec
 
     spec = PreprocessSpec.from_dict(SPEC)
     folder = Path(os.environ.get("LIVERKD_CALIB_DATA", CALIB_DATA))

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from liverkd.deploy.calibrate import phantom_input
 
-from deploy.calibrate import phantom_input
-from liverkd.atomic import atomic_path, sha256_file
-from liverkd.spec import PreprocessSpec
+from liverkd.core.atomic import atomic_path, sha256_file
+from liverkd.core.spec import PreprocessSpec
 
 OPSET = 17
 INPUT_NAME = "input"
@@ -52,7 +52,7 @@ class ExportResult:
 
 def load_torch_model(checkpoint):
     """(model in eval mode, PreprocessSpec, checkpoint payload) from a liverkd checkpoint file."""
-    from distill.checkpoint import load_checkpoint, model_from_checkpoint
+    from liverkd.distill.checkpoint import load_checkpoint, model_from_checkpoint
 
     path = Path(checkpoint)
     if not path.is_file():

@@ -3,7 +3,7 @@ take for FP16 (TensorRT >= 10 reads precision from the tensors, not from builder
 
 from __future__ import annotations
 
-from liverkd.atomic import atomic_path
+from liverkd.core.atomic import atomic_path
 
 
 def to_fp16(onnx_in, onnx_out) -> None:

@@ -1,7 +1,7 @@
 """Per-stage latency of the Segmenter over many volumes: where every millisecond of a volume goes.
 
 The profile runs exactly the path `liverkd infer` runs (Segmenter.segment_file: read the
-NIfTI, preprocess, network, postprocess, write the mask) and records `seg.last_timings` for
+NIfTI, preprocess, network, postprocess, write the mask) and records the returned stage timings for
 every volume. Several (engine, backend) targets are profiled on the same volumes, interleaved
 volume by volume, so that a noisy neighbour slows them all alike.
 
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from liverkd import volume as V
-from liverkd.atomic import atomic_path, write_json, write_text
+from liverkd.core import volume as V
+from liverkd.core.atomic import atomic_path, write_json, write_text
+from liverkd.core.timing import STAGES
 
-STAGES = ("read", "reorient_resample", "normalize", "h2d", "network", "d2h", "postprocess", "resample_back", "write")
 TOTAL = "total"
 UNACCOUNTED = "unaccounted"
 """total minus the sum of the stages: time the Segmenter spends outside any named stage."""
@@ -72,7 +72,7 @@ def find_volumes(folder) -> list[Path]:
         raise ValueError(f"{folder}: not a folder of volumes")
     found = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith((".nii", ".nii.gz")))
     if not found:
-        from liverkd.datasets import discover
+        from liverkd.core.datasets import discover
 
         found = [case.image for case in discover(folder)]
     if not found:
@@ -92,8 +92,8 @@ def synthetic_shape(spec) -> tuple[tuple[int, int, int], tuple[float, float, flo
 
 
 def write_synthetic(folder, n: int, shape, spacing, on_volume: Callable[[], None] | None = None) -> list[Path]:
-    """`n` phantom CTs (liverkd.phantom.synth_case, seeds 0..n-1) as NIfTI files in `folder`."""
-    from liverkd.phantom import synth_case
+    """`n` phantom CTs (liverkd.core.synth.phantom.synth_case, seeds 0..n-1) as NIfTI files in `folder`."""
+    from liverkd.core.synth.phantom import synth_case
 
     if n < 1:
         raise ValueError(f"--synthetic needs at least 1 volume, got {n}")
@@ -216,8 +216,8 @@ def run_profile(
     Masks are written under `work_dir` (one file per target, overwritten each volume) by
     the same Segmenter.segment_file that `liverkd infer` calls.
     """
-    from deploy.device_info import gpu_memory_used_mib
-    from deploy.segment import Segmenter
+    from liverkd.deploy.device_info import gpu_memory_used_mib
+    from liverkd.deploy.segment import Segmenter
 
     if not targets:
         raise ValueError("nothing to profile: no engine given")
@@ -237,15 +237,14 @@ def run_profile(
             res.load_s = (time.perf_counter_ns() - t0) / 1e9
             segmenters.append(seg)
             res.runner, res.device, res.precision = seg.runner.describe(), seg.runner.device, seg.runner.precision
-            seg.segment_file(volumes[0], work_dir / f"mask_{i}.nii.gz")
-            res.first_volume = dict(seg.last_timings)
+            res.first_volume = dict(seg.segment_file(volumes[0], work_dir / f"mask_{i}.nii.gz").timings)
         for k in range(warmup + runs):
             vol = volumes[k % len(volumes)]
             for i, (res, seg) in enumerate(zip(results, segmenters, strict=True)):
                 step(f"{'warm-up' if k < warmup else 'run'} {res.target.label}")
-                seg.segment_file(vol, work_dir / f"mask_{i}.nii.gz")
+                timings = seg.segment_file(vol, work_dir / f"mask_{i}.nii.gz").timings
                 if k >= warmup:
-                    res.record(seg.last_timings, vol)
+                    res.record(timings, vol)
                     res.rss_max_mib = max(res.rss_max_mib, _rss_mib())
         for res in results:
             if "cuda" in str(res.device) or "gpu" in str(res.device).lower():
@@ -388,7 +387,7 @@ class Report:
         from rich import box
         from rich.table import Table
 
-        from deploy.device_info import describe
+        from liverkd.deploy.device_info import describe
 
         for line in describe(self.device):
             console.print(f"[dim]{line}[/dim]")
@@ -492,9 +491,9 @@ def profile(
     """
     import tempfile
 
-    from deploy.backends.base import BACKENDS
-    from deploy.bundle import Bundle
-    from deploy.device_info import device_facts
+    from liverkd.deploy.backends.base import BACKENDS
+    from liverkd.deploy.bundle import Bundle
+    from liverkd.deploy.device_info import device_facts
 
     targets = [Target(Path(e), b) for e in engines for b in backends]
     if not targets:

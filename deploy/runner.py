@@ -38,8 +38,8 @@ from pathlib import Path
 
 import psutil
 
-from liverkd.atomic import fsync_dir, write_json
-from liverkd.volume import VolumeError
+from liverkd.core.atomic import fsync_dir, write_json
+from liverkd.core.volume import VolumeError
 
 MAX_ATTEMPTS = 2
 """A volume found in work/ after this many starts on it is failed instead of redone."""
@@ -48,7 +48,7 @@ DEFAULT_MAX_VOXELS = 512 * 512 * 1024
 TEMP_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
 
 
-def build_parser(prog: str = "python -m deploy.runner") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m liverkd.deploy.runner") -> argparse.ArgumentParser:
     """The one parser: `liverkd runner` hands its arguments here unchanged."""
     p = argparse.ArgumentParser(
         prog=prog, description="Segment every volume that arrives in an inbox folder, with one warm engine."
@@ -69,7 +69,7 @@ def build_parser(prog: str = "python -m deploy.runner") -> argparse.ArgumentPars
     return p
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m deploy.runner") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m liverkd.deploy.runner") -> int:
     args = build_parser(prog).parse_args(argv)
     try:
         runner = DeviceRunner(args)
@@ -193,7 +193,7 @@ class DeviceRunner:
         self._lock_inbox()
         self._remove_stale_temps()
 
-        from deploy.segment import Segmenter  # the heavy imports: numpy, scipy, the backend
+        from liverkd.deploy.segment import Segmenter  # the heavy imports: numpy, scipy, the backend
 
         self.seg = Segmenter.load(args.engine, backend=args.backend)
 
@@ -307,7 +307,7 @@ class DeviceRunner:
     # ------------------------------------------------------------ one volume
 
     def _outputs(self, name: str) -> tuple[Path, Path]:
-        from deploy.segment import output_path_for, sidecar_path
+        from liverkd.deploy.segment import output_path_for, sidecar_path
 
         mask = output_path_for(name, self.outbox)
         return mask, sidecar_path(mask, ".json")

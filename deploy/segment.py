@@ -1,25 +1,19 @@
 """Segmenter: one volume along the whole way of DESIGN.md, every stage timed.
 
     seg = Segmenter.load("engines/NAME", backend="auto")
-    mask_img = seg.segment(nib_image)           # uint8, exactly the input's shape and affine
-    result = seg.segment_file("ct.nii.gz")      # read + segment + atomic write
-    seg.last_timings                            # {"read": s, "reorient_resample": s, ...}
+    out = seg.segment(nib_image)                # Segmentation: .image (uint8, the input's shape
+                                                # and affine), .mask, .timings, .warnings, .liver_ml
+    result = seg.segment_file("ct.nii.gz")      # read + segment + atomic write -> SegmentResult
 
-The stages (STAGES, in this order) are: read (file -> validated Volume), reorient_resample
-(canonical RAS + resample to the spec spacing), normalize (HU window, then pad/crop to the
-engine input), h2d / network / d2h (the Runner's own split, summed over windows),
-postprocess (sliding-window blending when used, argmax, largest component, hole filling,
-undoing the crop), resample_back (spec grid -> input voxels and orientation, NIfTI image),
-write (atomic save, plus stats/preview when asked). "total" is wall clock end to end.
-profile and runner reuse this class; there is no second copy of the pipeline.
+The stages are liverkd.core.timing.STAGES; the pipeline itself is
+liverkd.core.inference.segment_volume, the same function training evaluation calls with a
+torch predictor. profile and the runner reuse this class; there is no second copy.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,19 +21,40 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from deploy.backends.base import open_runner
-from deploy.bundle import Bundle
-from deploy.postprocess import clean_mask, labels_from_scores, softmax
-from deploy.sliding_window import sliding_window_inference
-from liverkd import volume as V
-from liverkd.atomic import write_text
-from liverkd.preprocess import from_spec_grid, normalize, to_spec_grid
+from liverkd.core import volume as V
+from liverkd.core.atomic import write_text
+from liverkd.core.inference import segment_volume
+from liverkd.core.timing import RUNNER_STAGES, STAGES, Clock
+from liverkd.deploy.backends.base import open_runner
+from liverkd.deploy.bundle import Bundle
 
-STAGES = ("read", "reorient_resample", "normalize", "h2d", "network", "d2h", "postprocess", "resample_back", "write")
-RUNNER_STAGES = ("h2d", "network", "d2h")
+__all__ = ["STAGES", "Segmentation", "SegmentResult", "Segmenter"]
 CT_DTYPES = {np.dtype(t) for t in ("int16", "uint16", "int32", "float32")}
 ANISOTROPY_WARN = 3.0
 """Warn when the largest voxel side is more than this times the smallest."""
+
+
+@dataclass
+class Segmentation:
+    """What `Segmenter.segment*` returns for one volume held in memory."""
+
+    mask: np.ndarray
+    """uint8 (1 = liver) on the input's voxel grid."""
+    volume: V.Volume
+    timings: dict[str, float]
+    warnings: list[str]
+
+    @property
+    def image(self) -> nib.Nifti1Image:
+        return mask_image(self.mask, self.volume)
+
+    @property
+    def liver_voxels(self) -> int:
+        return int(np.count_nonzero(self.mask))
+
+    @property
+    def liver_ml(self) -> float:
+        return self.liver_voxels * float(np.prod(self.volume.spacing)) / 1000.0
 
 
 @dataclass
@@ -84,7 +99,7 @@ def read_input(path) -> V.Volume:
     path = Path(path)
     if not path.is_dir():
         return V.load(path)
-    from deploy.dicom import read_series
+    from liverkd.deploy.dicom import read_series
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -122,30 +137,6 @@ def check_output(out_path, in_path=None) -> Path:
     return out_path
 
 
-class _Clock:
-    """Accumulates seconds per stage; `timings()` lists them in STAGES order plus "total"."""
-
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.seconds: dict[str, float] = {}
-
-    def add(self, stage: str, seconds: float) -> None:
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
-
-    @contextlib.contextmanager
-    def stage(self, name: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add(name, time.perf_counter() - t0)
-
-    def timings(self) -> dict[str, float]:
-        out = {s: self.seconds[s] for s in STAGES if s in self.seconds}
-        out["total"] = time.perf_counter() - self.start
-        return out
-
-
 class Segmenter:
     """A loaded engine bundle + Runner, and the way from a CT volume to a liver mask."""
 
@@ -157,8 +148,6 @@ class Segmenter:
         self.liver_label = int(self.spec.labels.get("liver", 1))
         shape = bundle.input_shape[-3:]  # a dynamic engine names its axes: then the spec's shape
         self.roi_size = tuple(shape) if all(isinstance(s, int) for s in shape) else self.spec.input_shape
-        self.last_timings: dict[str, float] = {}
-        self.last_warnings: list[str] = []
 
     @classmethod
     def load(cls, path, backend: str = "auto", *, overlap: float = 0.25, **runner_options) -> Segmenter:
@@ -171,61 +160,55 @@ class Segmenter:
 
     # ------------------------------------------------------------ public API
 
-    def segment(self, img: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
-        """nibabel image in -> uint8 liver mask image with exactly its shape and affine."""
-        clock = _Clock()
+    def segment(self, img: nib.spatialimages.SpatialImage) -> Segmentation:
+        """nibabel image in -> Segmentation (`.image`: uint8 mask with exactly its shape and affine)."""
+        clock = Clock()
         with clock.stage("read"):  # voxels out of the image and validated; ~0 for in-memory arrays
             vol = V.from_image(img, img.get_filename() or "<image>")
-        mask = self._segment(vol, clock)
-        with clock.stage("resample_back"):
-            out = mask_image(mask, vol)
-        self.last_timings = clock.timings()
-        return out
+        return self._segment(vol, clock)
 
-    def segment_volume(self, vol: V.Volume) -> V.Volume:
-        """Volume in -> mask Volume (uint8, input's affine and header); warnings in its .warnings."""
-        clock = _Clock()
-        mask = self._segment(vol, clock)
-        self.last_timings = clock.timings()
-        return V.Volume(mask, vol.affine, vol.header, path=vol.path, warnings=list(self.last_warnings))
+    def segment_volume(self, vol: V.Volume) -> Segmentation:
+        """Volume in -> Segmentation (mask on the volume's grid, timings, warnings)."""
+        return self._segment(vol, Clock())
 
     def segment_file(self, in_path, out_path=None, stats: bool = False, preview: bool = False) -> SegmentResult:
         """Read a NIfTI file (or DICOM series folder), segment, and write the mask atomically.
 
         Default output: `<input>_liver.nii.gz` beside the input. With `stats`, a JSON beside
         the mask (liver volume, mean HU, warnings, timings); with `preview`, a PNG.
-        Raises liverkd.volume.VolumeError on a bad input or an unwritable output; nothing
+        Raises liverkd.core.volume.VolumeError on a bad input or an unwritable output; nothing
         is left behind then.
         """
-        clock = _Clock()
+        clock = Clock()
         in_path = Path(in_path)
         out_path = check_output(Path(out_path) if out_path is not None else output_path_for(in_path), in_path)
         with clock.stage("read"):
             vol = read_input(in_path)
-        mask = self._segment(vol, clock)
+        seg = self._segment(vol, clock)
+        mask = seg.mask
         with clock.stage("resample_back"):
-            img = mask_image(mask, vol)
+            img = seg.image
         with clock.stage("postprocess"):
-            voxels = int(np.count_nonzero(mask))
+            voxels = seg.liver_voxels
             result = SegmentResult(
                 input=str(in_path),
                 output=str(out_path),
-                liver_ml=voxels * float(np.prod(vol.spacing)) / 1000.0,
-                warnings=list(self.last_warnings),
+                liver_ml=seg.liver_ml,
+                warnings=seg.warnings,
                 liver_voxels=voxels,
                 mean_hu=float(np.sum(vol.array, where=mask.view(bool), dtype=np.float64)) / voxels if voxels else None,
             )
         with clock.stage("write"):
             V.save(img, out_path)
             if preview:
-                from deploy.preview import write_preview
+                from liverkd.viz import write_preview
 
                 window = self.spec.hu_window if V.looks_like_ct(vol.array)[0] else None
                 png = sidecar_path(out_path, ".png")
                 result.preview = str(write_preview(vol.array, mask, vol.affine, png, window=window, title=in_path.name))
             if stats:
                 result.stats = str(sidecar_path(out_path, ".json"))
-        result.timings = self.last_timings = clock.timings()
+        result.timings = clock.timings()
         if stats:
             facts = {**result.to_dict(), "engine": self.describe(), "spacing_mm": list(vol.spacing)}
             write_text(result.stats, json.dumps(facts, indent=2) + "\n")  # unsorted: stages in pipeline order
@@ -242,50 +225,27 @@ class Segmenter:
 
     # ------------------------------------------------------------ the pipeline
 
-    def _segment(self, vol: V.Volume, clock: _Clock) -> np.ndarray:
-        """The one pipeline. Returns the uint8 mask on `vol`'s voxel grid."""
+    def predictor(self, clock: Clock):
+        """The Runner as a `predict` for liverkd.core.inference, adding its own stage split to `clock`."""
+
+        def predict(x: np.ndarray) -> np.ndarray:
+            out = self.runner.infer(np.ascontiguousarray(x, dtype=np.float32))
+            for stage in RUNNER_STAGES:
+                clock.add(stage, float(self.runner.last_timings.get(stage, 0.0)))
+            return out
+
+        return predict
+
+    def _segment(self, vol: V.Volume, clock: Clock) -> Segmentation:
         notes = list(vol.warnings)
         with clock.stage("read"):  # checking the input is part of reading it
             for message in self._input_warnings(vol):
                 self._warn(notes, vol.path, message)
-        with clock.stage("reorient_resample"):
-            grid, geometry = to_spec_grid(vol, self.spec)
-        with clock.stage("normalize"):
-            x = normalize(grid, self.spec)
-            del grid
-            fits = all(g <= r for g, r in zip(x.shape, self.roi_size))
-            if fits:
-                plan = V.plan_crop_pad(x.shape, self.roi_size)
-                x = V.crop_pad(x, plan, fill=0.0)[None, None]  # 0.0 = air after the HU window
-        if fits:
-            scores = self._infer(x, clock)
-            with clock.stage("postprocess"):
-                foreground = V.uncrop_pad(labels_from_scores(scores, self.liver_label), plan, fill=False)
-        else:
-            t0 = time.perf_counter()
-            before = sum(clock.seconds.get(s, 0.0) for s in RUNNER_STAGES)
-            scores = sliding_window_inference(
-                x, self.roi_size, lambda w: softmax(self._infer(w, clock)), overlap=self.overlap
-            )
-            in_runner = sum(clock.seconds.get(s, 0.0) for s in RUNNER_STAGES) - before
-            clock.add("postprocess", time.perf_counter() - t0 - in_runner)  # windowing + blending
-            with clock.stage("postprocess"):
-                foreground = labels_from_scores(scores, self.liver_label)
-        del x, scores
-        with clock.stage("postprocess"):
-            mask_grid = clean_mask(foreground)
-        with clock.stage("resample_back"):
-            mask = from_spec_grid(mask_grid, geometry)
+        mask = segment_volume(vol, self.spec, self.predictor(clock), roi_size=self.roi_size, overlap=self.overlap,
+                              label=self.liver_label, clock=clock)
         if not mask.any():
             self._warn(notes, vol.path, "no liver found: the mask is empty")
-        self.last_warnings = notes
-        return mask
-
-    def _infer(self, x: np.ndarray, clock: _Clock) -> np.ndarray:
-        out = self.runner.infer(np.ascontiguousarray(x, dtype=np.float32))
-        for stage in RUNNER_STAGES:
-            clock.add(stage, float(self.runner.last_timings.get(stage, 0.0)))
-        return out
+        return Segmentation(mask, vol, clock.timings(), notes)
 
     def _input_warnings(self, vol: V.Volume) -> list[str]:
         """Valid but odd inputs: they run, and the user is told."""

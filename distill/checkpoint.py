@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from distill.models import UNet3D, UNetConfig
-from liverkd.atomic import atomic_path
-from liverkd.spec import PreprocessSpec
+from liverkd.core.atomic import atomic_path
+from liverkd.core.spec import PreprocessSpec
+from liverkd.distill.models import UNet3D, UNetConfig
 
 FORMAT = "liverkd-checkpoint"
 VERSION = 1

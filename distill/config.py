@@ -10,9 +10,9 @@ from pathlib import Path
 
 import yaml
 
-from distill.data import Augment
-from distill.models import PRESETS
-from liverkd.spec import PreprocessSpec
+from liverkd.core.spec import PreprocessSpec
+from liverkd.distill.data import Augment
+from liverkd.distill.models import PRESETS
 
 
 class ConfigError(ValueError):
@@ -29,7 +29,7 @@ class Phantoms:
 @dataclass(frozen=True)
 class Data:
     path: str | None = None
-    """A data set in any liverkd.datasets layout; or `phantoms` made into RUN_DIR/phantoms."""
+    """A data set in any liverkd.core.datasets layout; or `phantoms` made into RUN_DIR/phantoms."""
     phantoms: Phantoms | None = None
     val: int = 2
     test: int = 2

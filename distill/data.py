@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from liverkd import volume as V
-from liverkd.atomic import atomic_path
-from liverkd.preprocess import prepare_pair
-from liverkd.spec import PreprocessSpec
+from liverkd.core.atomic import atomic_path
+from liverkd.core.datasets import load_case
+from liverkd.core.preprocess import prepare_pair
+from liverkd.core.spec import PreprocessSpec
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def prepare_case(case, spec: PreprocessSpec, cache_dir) -> Prepared:
     if path.exists():
         with np.load(path) as z:
             return Prepared(case.case_id, z["image"], z["label"])
-    image, label = prepare_pair(V.load(case.image), V.load(case.label), spec)
+    image, label = prepare_pair(*load_case(case), spec)
     with atomic_path(path, suffix=".npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, image=image.astype(np.float32), label=label.astype(np.uint8))
@@ -139,7 +139,7 @@ class PatchDataset(torch.utils.data.Dataset):
 
 def phantom_volumes(n: int, shape=(32, 32, 32), seed: int = 0) -> tuple[list[Prepared], PreprocessSpec]:
     """n phantoms prepared in memory at their own spacing (tests and benchmarks)."""
-    from liverkd.phantom import case_seed, synth_case
+    from liverkd.core.synth.phantom import case_seed, synth_case
 
     volumes, spec = [], None
     for i in range(n):

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.losses import DistillLoss
-from distill.models import UNet3D, UNetConfig
+from liverkd.distill.losses import DistillLoss
+from liverkd.distill.models import UNet3D, UNetConfig
 
 
 def width_schedule(student: tuple[int, ...], assistant: tuple[int, ...], n_widths: int) -> list[tuple[int, ...]]:

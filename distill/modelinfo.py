@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from distill.models import count_params
+from liverkd.distill.models import count_params
 
 
 def conv_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:

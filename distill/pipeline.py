@@ -15,17 +15,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from distill.config import Config
-from distill.data import PatchDataset, Prepared, prepare_case, split_cases
-from distill.gtan import GTANObjective
-from distill.infer import predict_mask
-from distill.models import PRESETS, count_params, create_model
-from distill.train import Dist, KnowledgeDistillation, Supervised, TrainSettings, setup_distributed, train
-from liverkd import volume as V
-from liverkd.atomic import write_json, write_text
-from liverkd.metrics import evaluate_masks, to_jsonable
-from liverkd.preprocess import from_spec_grid, normalize, to_spec_grid
+from liverkd.core.atomic import write_json, write_text
+from liverkd.core.datasets import load_case
+from liverkd.core.inference import segment_volume
+from liverkd.core.metrics import evaluate_masks, to_jsonable
+from liverkd.distill.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from liverkd.distill.config import Config
+from liverkd.distill.data import PatchDataset, Prepared, prepare_case, split_cases
+from liverkd.distill.gtan import GTANObjective
+from liverkd.distill.models import PRESETS, count_params, create_model
+from liverkd.distill.predictor import torch_predictor
+from liverkd.distill.train import Dist, KnowledgeDistillation, Supervised, TrainSettings, setup_distributed, train
 
 METHODS = ("nokd", "kd", "takd", "gtan")
 METHOD_NAMES = {"nokd": "no KD", "kd": "KD", "takd": "TAKD", "gtan": "GTAN"}
@@ -35,19 +35,19 @@ METHOD_NAMES = {"nokd": "no KD", "kd": "KD", "takd": "TAKD", "gtan": "GTAN"}
 class Data:
     train: list[Prepared]
     val: list[Prepared]
-    test: list  # liverkd.datasets.Case, evaluated in the original voxel space
+    test: list  # liverkd.core.datasets.Case, evaluated in the original voxel space
 
 
 def load_data(cfg: Config, ctx: Dist) -> Data:
     from rich.progress import track
 
-    from liverkd.datasets import discover
+    from liverkd.core.datasets import discover
 
     out = Path(cfg.run_dir)
     if cfg.data.phantoms is not None:
         path = out / "phantoms"
         if ctx.main and not (path / "dataset.json").exists():
-            from liverkd.phantom import write_dataset
+            from liverkd.core.synth.phantom import write_dataset
 
             p = cfg.data.phantoms
             write_dataset(path, p.n, seed=p.seed, shape=p.shape)
@@ -107,14 +107,14 @@ def train_teacher(cfg: Config, data: Data, resume: bool, ctx: Dist):
 
 
 def evaluate(model, cases, spec, device) -> dict:
-    """Held-out metrics in each case's own voxel space (the mask mapped back, as at inference)."""
+    """Held-out metrics in each case's own voxel space, through liverkd.core.inference.segment_volume:
+    the function the Segmenter (`liverkd infer`) runs, here with a torch predictor."""
+    predict = torch_predictor(model.to(device), device)
     rows = []
     for case in cases:
-        image = V.load(case.image)
-        grid, geometry = to_spec_grid(image, spec)
-        mask = from_spec_grid(predict_mask(model, normalize(grid, spec), spec.input_shape, device), geometry)
-        ref = V.load(case.label).array > 0
-        rows.append({"case": case.case_id, **evaluate_masks(mask, ref, image.spacing)})
+        image, label = load_case(case)
+        mask = segment_volume(image, spec, predict)
+        rows.append({"case": case.case_id, **evaluate_masks(mask, label.array > 0, image.spacing)})
     summary = {k: float(np.mean([r[k] for r in rows])) for k in ("dice", "hd95", "assd", "rvd")}
     return to_jsonable({**summary, "cases": rows})
 

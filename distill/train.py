@@ -27,14 +27,15 @@ import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from distill.checkpoint import load_checkpoint, save_checkpoint
-from distill.data import PatchDataset, Prepared
-from distill.infer import predict_mask
-from distill.losses import DiceCELoss, DistillLoss
-from distill.models import UNet3D
-from liverkd.atomic import write_text
-from liverkd.metrics import dice
-from liverkd.spec import PreprocessSpec
+from liverkd.core.atomic import write_text
+from liverkd.core.inference import THRESHOLD, segment_grid
+from liverkd.core.metrics import dice
+from liverkd.core.spec import PreprocessSpec
+from liverkd.distill.checkpoint import load_checkpoint, save_checkpoint
+from liverkd.distill.data import PatchDataset, Prepared
+from liverkd.distill.losses import DiceCELoss, DistillLoss
+from liverkd.distill.models import UNet3D
+from liverkd.distill.predictor import torch_predictor
 
 
 @dataclass(frozen=True)
@@ -145,9 +146,12 @@ def sync_buffers(module: nn.Module, ctx: Dist) -> None:
 
 
 def validation_dice(model: nn.Module, volumes: list[Prepared], spec: PreprocessSpec, device) -> float:
-    """Mean Dice over whole held-out volumes on the spec grid."""
-    model = model.to(device)
-    scores = [dice(predict_mask(model, v.image, spec.input_shape, device), v.label) for v in volumes]
+    """Mean Dice over whole validation volumes on the spec grid, through liverkd.core.inference
+    (the Segmenter's path: sliding window, probability, largest component, holes)."""
+    predict = torch_predictor(model.to(device), device)
+    scores = []
+    for v in volumes:
+        scores.append(dice(segment_grid(v.image, predict, spec.input_shape) > THRESHOLD, v.label))
     return float(np.mean(scores))
 
 
@@ -325,7 +329,7 @@ def plot_curves(path: Path, step_loss: list[float], rows: list[dict], title: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from liverkd.atomic import atomic_path
+    from liverkd.core.atomic import atomic_path
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     steps = np.arange(1, len(step_loss) + 1)

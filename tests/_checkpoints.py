@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from liverkd.spec import PreprocessSpec
+from liverkd.core.spec import PreprocessSpec
 
 SPEC = PreprocessSpec(spacing=(12.0, 12.0, 12.0), input_shape=(32, 32, 32))
 
@@ -14,9 +14,8 @@ def make_checkpoint(path, preset="student-30k", seed=0, spec=SPEC):
     plumbing, useless for telling precisions apart. threshold_checkpoint is for that.
     """
     import torch
-
-    from distill.checkpoint import save_checkpoint
-    from distill.models import create_model
+    from liverkd.distill.checkpoint import save_checkpoint
+    from liverkd.distill.models import create_model
 
     torch.manual_seed(seed)
     model = create_model(preset)
@@ -38,9 +37,8 @@ def threshold_checkpoint(path, threshold=0.55, gain=10.0, preset="student-30k", 
     The decision boundary runs through soft tissue, so precision loss (INT8) really flips voxels.
     """
     import torch
-
-    from distill.checkpoint import save_checkpoint
-    from distill.models import create_model
+    from liverkd.distill.checkpoint import save_checkpoint
+    from liverkd.distill.models import create_model
 
     model = create_model(preset)
     with torch.no_grad():

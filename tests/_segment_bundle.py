@@ -15,7 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from liverkd.spec import PreprocessSpec
+from liverkd.core.spec import PreprocessSpec
 
 TEST_SPEC = PreprocessSpec(spacing=(6.0, 6.0, 6.0), input_shape=(64, 64, 64))
 
@@ -65,12 +65,12 @@ def make_bundle(
 def _build(folder: Path, spec: PreprocessSpec, preset: str, seed: int, constant: int | None) -> Path:
     import onnx
     import torch
+    from liverkd.deploy.build import build_engine
+    from liverkd.deploy.export import tag
+    from liverkd.distill.checkpoint import save_checkpoint
+    from liverkd.distill.models import create_model
 
-    from deploy.build import build_engine
-    from deploy.export import tag
-    from distill.checkpoint import save_checkpoint
-    from distill.models import create_model
-    from liverkd.atomic import sha256_file
+    from liverkd.core.atomic import sha256_file
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)

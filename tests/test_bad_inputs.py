@@ -15,9 +15,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 from _segment_bundle import make_bundle, nifti, synthetic_ct
+from liverkd.deploy import Segmenter
 
-from deploy import Segmenter
-from liverkd.volume import VolumeError, VolumeWarning
+from liverkd.core.volume import VolumeError, VolumeWarning
 
 NOBODY = 65534
 

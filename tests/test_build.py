@@ -7,12 +7,12 @@ import subprocess
 
 import numpy as np
 import pytest
+from liverkd.deploy.backends import open_runner
+from liverkd.deploy.build import BuildError, build_engine
+from liverkd.deploy.bundle import Bundle
+from liverkd.deploy.calibrate import CalibrationError, phantom_input
 
-from deploy.backends import open_runner
-from deploy.build import BuildError, build_engine
-from deploy.bundle import Bundle
-from deploy.calibrate import CalibrationError, phantom_input
-from liverkd.phantom import write_dataset
+from liverkd.core.synth.phantom import write_dataset
 from tests._checkpoints import SPEC, make_checkpoint, threshold_checkpoint
 
 
@@ -103,7 +103,7 @@ def test_fp16_bundle_runs_on_onnxruntime(work, tmp_path):
 
 
 def test_bundle_from_exported_onnx(work, tmp_path):
-    from deploy.export import export_onnx
+    from liverkd.deploy.export import export_onnx
 
     onnx_path = export_onnx(work / "s30.pt", tmp_path / "s30.onnx").path
     bundle = build_engine(onnx_path, tmp_path / "from-onnx", "fp32", log=quiet)
@@ -154,7 +154,7 @@ def test_cli_int8_from_synthesised_calib_data(work, tmp_path, liverkd_cmd):
 
 
 def test_cli_tensorrt_without_tensorrt_fails_with_reason(work, tmp_path, liverkd_cmd):
-    from deploy.backends.tensorrt import tensorrt_available
+    from liverkd.deploy.backends.tensorrt import tensorrt_available
 
     ok, why = tensorrt_available()
     if ok:

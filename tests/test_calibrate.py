@@ -9,11 +9,11 @@ import nibabel as nib
 import numpy as np
 import onnx
 import pytest
+from liverkd.deploy import calibrate as C
 from onnx import numpy_helper
 
-from deploy import calibrate as C
-from liverkd import volume as V
-from liverkd.phantom import synth_case, write_dataset
+from liverkd.core import volume as V
+from liverkd.core.synth.phantom import synth_case, write_dataset
 from tests._checkpoints import SPEC, make_checkpoint
 
 
@@ -26,14 +26,14 @@ def calib_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fp32_onnx(tmp_path_factory):
-    from deploy.export import export_onnx
+    from liverkd.deploy.export import export_onnx
 
     folder = tmp_path_factory.mktemp("model")
     return export_onnx(make_checkpoint(folder / "m.pt"), folder / "m.onnx").path
 
 
 def test_network_input_is_the_inference_preprocessing():
-    from liverkd.preprocess import normalize, to_spec_grid
+    from liverkd.core.preprocess import normalize, to_spec_grid
 
     image, _ = synth_case(3, shape=(40, 36, 32))
     x = C.network_input(image, SPEC)

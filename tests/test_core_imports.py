@@ -4,7 +4,7 @@ import sys
 
 from liverkd import __version__
 
-CORE = "liverkd, liverkd.volume, liverkd.preprocess, liverkd.metrics, liverkd.spec, liverkd.cli"
+CORE = "liverkd, liverkd.core.volume, liverkd.core.preprocess, liverkd.core.metrics, liverkd.core.spec, liverkd.cli"
 
 
 def test_core_and_cli_import_without_torch():

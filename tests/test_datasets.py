@@ -1,4 +1,4 @@
-"""liverkd.datasets: every layout written exactly as the real data sets ship, and each error."""
+"""liverkd.core.datasets: every layout written exactly as the real data sets ship, and each error."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from liverkd.datasets import Case, DatasetError, discover, load_case
+from liverkd.core.datasets import Case, DatasetError, discover, load_case
 
 AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
 
@@ -136,7 +136,7 @@ def test_json_list(tmp_path):
 
 
 def test_phantom_dataset_is_msd(tmp_path):
-    from liverkd.phantom import write_dataset
+    from liverkd.core.synth.phantom import write_dataset
 
     pairs = write_dataset(tmp_path, 2, seed=1, shape=(16, 16, 16), progress=False)
     cases = discover(tmp_path)

@@ -8,8 +8,9 @@ import pytest
 
 pydicom = pytest.importorskip("pydicom", reason="the optional extra `dicom` (pydicom) is not installed")
 
-from deploy.dicom import is_dicom_folder, read_series  # noqa: E402
-from liverkd.volume import VolumeError, VolumeWarning  # noqa: E402
+from liverkd.deploy.dicom import is_dicom_folder, read_series  # noqa: E402
+
+from liverkd.core.volume import VolumeError, VolumeWarning  # noqa: E402
 
 
 def write_series(folder, volume, *, spacing=(0.8, 0.7), step=2.5, origin=(-120.0, -90.0, 40.0),
@@ -104,8 +105,7 @@ def test_single_slice_is_refused(tmp_path):
 
 def test_segmenter_reads_a_dicom_folder(tmp_path):
     from _segment_bundle import make_bundle, synthetic_ct
-
-    from deploy import Segmenter
+    from liverkd.deploy import Segmenter
 
     hu = synthetic_ct((40, 36, 20))  # used as rows x cols x slices
     folder = write_series(tmp_path / "case1", hu + 1024, spacing=(6.0, 6.0), step=6.0)

@@ -9,14 +9,14 @@ import numpy as np
 import onnx
 import pytest
 
-from liverkd.atomic import sha256_file
-from liverkd.spec import PreprocessSpec
+from liverkd.core.atomic import sha256_file
+from liverkd.core.spec import PreprocessSpec
 from tests._checkpoints import SPEC, make_checkpoint
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from deploy.export import export_onnx
+    from liverkd.deploy.export import export_onnx
 
     folder = tmp_path_factory.mktemp("export")
     ckpt = make_checkpoint(folder / "s30.pt")
@@ -25,7 +25,7 @@ def exported(tmp_path_factory):
 
 
 def test_export_is_opset17_folded_and_tagged(exported):
-    from deploy import export as E
+    from liverkd.deploy import export as E
 
     ckpt, result = exported
     model = onnx.load(str(result.path))
@@ -53,8 +53,7 @@ def test_onnx_matches_torch_on_other_input(exported):
     """Independent of export's own check: the graph computes what the checkpoint computes."""
     import onnxruntime as ort
     import torch
-
-    from deploy.export import load_torch_model
+    from liverkd.deploy.export import load_torch_model
 
     ckpt, result = exported
     model, _, _ = load_torch_model(ckpt)
@@ -67,8 +66,7 @@ def test_onnx_matches_torch_on_other_input(exported):
 
 def test_dynamic_axes_run_other_sizes(tmp_path, exported):
     import onnxruntime as ort
-
-    from deploy.export import export_onnx
+    from liverkd.deploy.export import export_onnx
 
     ckpt, _ = exported
     result = export_onnx(ckpt, tmp_path / "dyn.onnx", dynamic=True)
@@ -79,7 +77,7 @@ def test_dynamic_axes_run_other_sizes(tmp_path, exported):
 
 
 def test_failed_parity_leaves_no_file(tmp_path, exported):
-    from deploy.export import ExportError, export_onnx
+    from liverkd.deploy.export import ExportError, export_onnx
 
     ckpt, _ = exported
     with pytest.raises(ExportError, match="agreement"):

@@ -1,8 +1,7 @@
 import pytest
 import torch
-
-from distill.gtan import GTANObjective, SlimUNet3D, assistant_index, extract, width_schedule
-from distill.models import PRESETS, UNet3D, UNetConfig
+from liverkd.distill.gtan import GTANObjective, SlimUNet3D, assistant_index, extract, width_schedule
+from liverkd.distill.models import PRESETS, UNet3D, UNetConfig
 
 
 def slim_net(student="student-30k", n_widths=3, seed=0):

@@ -1,8 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
-from distill.losses import DiceCELoss, DistillLoss, KDLoss, SoftDiceLoss
+from liverkd.distill.losses import DiceCELoss, DistillLoss, KDLoss, SoftDiceLoss
 
 
 def logits(seed, shape=(2, 2, 4, 4, 4), scale=3.0):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from liverkd.metrics import (
+from liverkd.core.metrics import (
     assd,
     dice,
     evaluate_masks,

@@ -1,8 +1,8 @@
 import torch
+from liverkd.distill.modelinfo import model_info
+from liverkd.distill.models import PRESETS, UNetConfig, count_params, create_model
 from typer.testing import CliRunner
 
-from distill.modelinfo import model_info
-from distill.models import PRESETS, UNetConfig, count_params, create_model
 from liverkd.cli import app
 
 

@@ -13,12 +13,13 @@ from _segment_bundle import make_bundle, nifti, synthetic_ct
 
 pytest.importorskip("openvino", reason="openvino is not installed (pip install -e '.[openvino]')")
 
-from deploy import Segmenter  # noqa: E402
-from deploy.backends.base import RunnerError, open_runner  # noqa: E402
-from deploy.build import build_engine  # noqa: E402
-from deploy.bundle import Bundle  # noqa: E402
-from deploy.calibrate import phantom_input  # noqa: E402
-from liverkd.phantom import write_dataset  # noqa: E402
+from liverkd.deploy import Segmenter  # noqa: E402
+from liverkd.deploy.backends.base import RunnerError, open_runner  # noqa: E402
+from liverkd.deploy.build import build_engine  # noqa: E402
+from liverkd.deploy.bundle import Bundle  # noqa: E402
+from liverkd.deploy.calibrate import phantom_input  # noqa: E402
+
+from liverkd.core.synth.phantom import write_dataset  # noqa: E402
 
 quiet = lambda _message: None
 

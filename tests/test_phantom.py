@@ -1,4 +1,4 @@
-"""liverkd.phantom: determinism, geometry, anatomy sanity, the MSD layout, preview, CLI."""
+"""liverkd.core.synth.phantom: determinism, geometry, anatomy sanity, the MSD layout, preview, CLI."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from liverkd import phantom as P
-from liverkd.volume import load
+from liverkd.core.synth import phantom as P
+from liverkd.core.volume import load
 
 
 def _files(folder):

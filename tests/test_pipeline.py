@@ -5,9 +5,8 @@ import subprocess
 
 import pytest
 import yaml
-
-from distill.checkpoint import load_checkpoint, model_from_checkpoint
-from distill.config import ConfigError, load_config
+from liverkd.distill.checkpoint import load_checkpoint, model_from_checkpoint
+from liverkd.distill.config import ConfigError, load_config
 
 TINY = {
     "seed": 0,

@@ -1,8 +1,15 @@
-"""Post-processing: argmax, largest connected component, hole filling."""
+"""Post-processing: liver probability, largest connected component, hole filling."""
 
 import numpy as np
 
-from deploy.postprocess import clean_mask, fill_holes, labels_from_scores, largest_component, softmax
+from liverkd.core.inference import (
+    clean_mask,
+    clean_probability,
+    fill_holes,
+    largest_component,
+    liver_probability,
+    softmax,
+)
 
 
 def test_softmax_sums_to_one_and_keeps_the_argmax():
@@ -14,14 +21,31 @@ def test_softmax_sums_to_one_and_keeps_the_argmax():
     assert np.all(np.isfinite(softmax(np.array([[1000.0, -1000.0]]).reshape(1, 2, 1, 1, 1))))
 
 
-def test_labels_from_scores_two_one_and_many_channels():
+def test_liver_probability_two_one_and_many_channels():
     rng = np.random.default_rng(1)
     two = rng.normal(size=(1, 2, 5, 5, 5))
-    assert np.array_equal(labels_from_scores(two), two[0].argmax(axis=0) == 1)
+    assert np.array_equal(liver_probability(two) > 0.5, two[0].argmax(axis=0) == 1)
     one = rng.normal(size=(1, 1, 5, 5, 5))
-    assert np.array_equal(labels_from_scores(one), one[0, 0] > 0)
+    assert np.array_equal(liver_probability(one) > 0.5, one[0, 0] > 0)
     many = rng.normal(size=(4, 5, 5, 5))
-    assert np.array_equal(labels_from_scores(many, label=2), many.argmax(axis=0) == 2)
+    p = liver_probability(many, label=2)
+    assert p.dtype == np.float32 and np.all((p >= 0) & (p <= 1))
+
+
+def test_clean_probability_thresholds_to_the_clean_mask():
+    """Largest component with holes filled, as clean_mask; the rim keeps its values for interpolation."""
+    rng = np.random.default_rng(2)
+    p = np.zeros((24, 24, 24), np.float32)
+    p[3:15, 3:15, 3:15] = 0.9
+    p[7:9, 7:9, 7:9] = 0.1  # an enclosed hole
+    p[18:21, 18:21, 18:21] = 0.8  # a smaller, separate blob
+    p += rng.uniform(0, 0.3, p.shape).astype(np.float32) * (p < 0.5)
+    out = clean_probability(p)
+    assert np.array_equal(out > 0.5, clean_mask(p > 0.5).astype(bool))
+    assert out[8, 8, 8] == 1.0 and out[19, 19, 19] == 0.0
+    assert out[2, 8, 8] == p[2, 8, 8] > 0  # rim voxel: the network's value
+    assert out[0, 0, 0] == 0.0
+    assert not clean_probability(np.full((4, 4, 4), 0.2, np.float32)).any()
 
 
 def test_largest_component_keeps_the_biggest_blob():

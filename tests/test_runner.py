@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from liverkd.phantom import synth_case
+from liverkd.core.synth.phantom import synth_case
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ class Box:
         env = {k: v for k, v in os.environ.items() if k != "LIVERKD_RUNNER_TEST_PAUSE"}
         if pause:
             env["LIVERKD_RUNNER_TEST_PAUSE"] = pause
-        cmd = [sys.executable, "-m", "deploy.runner", *self.args(*extra)]
+        cmd = [sys.executable, "-m", "liverkd.deploy.runner", *self.args(*extra)]
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def drop(self, name: str, data: bytes) -> None:
@@ -148,7 +148,7 @@ def test_runner_imports_no_torch(tmp_path, engine, phantoms):
     box = Box(tmp_path, engine)
     box.drop("a.nii.gz", phantoms[0])
     code = (
-        "import sys; from deploy.runner import main; rc = main(sys.argv[1:]); "
+        "import sys; from liverkd.deploy.runner import main; rc = main(sys.argv[1:]); "
         "assert rc == 0, rc; bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'distill')); "
         "assert not bad, bad; print('clean')"
     )
@@ -178,7 +178,7 @@ def test_sigkill_mid_volume_then_restart_loses_nothing(tmp_path, engine, phantom
     assert box.names("done") == []
 
     out = subprocess.run(
-        [sys.executable, "-m", "deploy.runner", *box.args("--once")], cwd=REPO, capture_output=True, text=True,
+        [sys.executable, "-m", "liverkd.deploy.runner", *box.args("--once")], cwd=REPO, capture_output=True, text=True,
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
@@ -236,7 +236,7 @@ def test_volume_that_keeps_crashing_the_runner_is_failed(tmp_path, engine, phant
     (box.inbox / "work" / ".poison.nii.gz.attempts").write_text(json.dumps({"attempts": 2}))
     box.drop("fine.nii.gz", phantoms[1])
     out = subprocess.run(
-        [sys.executable, "-m", "deploy.runner", *box.args("--once")], cwd=REPO, capture_output=True, text=True,
+        [sys.executable, "-m", "liverkd.deploy.runner", *box.args("--once")], cwd=REPO, capture_output=True, text=True,
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
@@ -251,7 +251,7 @@ def test_delete_done_and_second_runner_refused(tmp_path, engine, phantoms):
     proc = box.start("--delete-done")
     wait_for(lambda: box.records("start"), proc)
     second = subprocess.run(
-        [sys.executable, "-m", "deploy.runner", *box.args("--once")], cwd=REPO, capture_output=True, text=True,
+        [sys.executable, "-m", "liverkd.deploy.runner", *box.args("--once")], cwd=REPO, capture_output=True, text=True,
         timeout=120,
     )
     assert second.returncode == 2 and "already served by another runner" in second.stderr
@@ -266,7 +266,7 @@ def test_delete_done_and_second_runner_refused(tmp_path, engine, phantoms):
 
 def test_missing_engine_is_one_line_error(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "deploy.runner", "--engine", str(tmp_path / "nope"), "--inbox", str(tmp_path / "in"),
+        [sys.executable, "-m", "liverkd.deploy.runner", "--engine", str(tmp_path / "nope"), "--inbox", str(tmp_path / "in"),
          "--outbox", str(tmp_path / "out"), "--once"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )

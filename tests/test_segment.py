@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from _segment_bundle import make_bundle, nifti, synthetic_ct
 
-from deploy import Segmenter
-from deploy.segment import STAGES, SegmentResult
-from liverkd.volume import VolumeWarning
+from liverkd.core.volume import VolumeWarning
+from liverkd.deploy import Segmenter
+from liverkd.deploy.segment import STAGES, SegmentResult
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_mask_has_the_input_geometry(seg, name, codes):
     made = nifti(synthetic_ct((40, 36, 28)), affine=AFFINES[name], qform_code=codes[0], sform_code=codes[1])
     img = nib.Nifti1Image.from_bytes(made.to_bytes())  # as read from a file: affine from the codes' choice
     with pytest.warns() if name != "ras" else _no_volume_warning():
-        out = seg.segment(img)
+        out = seg.segment(img).image
     assert out.shape == img.shape
     assert np.array_equal(out.affine, img.affine)
     assert int(out.header["qform_code"]) == codes[0] and int(out.header["sform_code"]) == codes[1]
@@ -100,21 +100,21 @@ def test_axis_order_and_flips_do_not_change_the_answer(edge_bundle):
     seg = Segmenter.load(edge_bundle, backend="onnxruntime")
     ct = synthetic_ct((40, 36, 28), seed=3)
     ras = nifti(ct, affine=AFFINES["ras"])
-    mask_ras = np.asarray(seg.segment(ras).dataobj)
+    mask_ras = seg.segment(ras).mask
     assert 0 < mask_ras.sum() < mask_ras.size, "the random network should give a non-trivial mask"
 
     flip = np.diag([-1.0, -1.0, 1.0, 1.0])
     flip[:3, 3] = [ct.shape[0] - 1, ct.shape[1] - 1, 0]
     lps = nifti(ct[::-1, ::-1, :].copy(), affine=AFFINES["ras"] @ flip)
     with pytest.warns(VolumeWarning, match="orientation LPS"):
-        mask_lps = np.asarray(seg.segment(lps).dataobj)
+        mask_lps = seg.segment(lps).mask
     assert np.array_equal(mask_lps[::-1, ::-1, :], mask_ras)
 
     perm = np.zeros((4, 4))
     perm[[0, 1, 2, 3], [1, 2, 0, 3]] = 1  # stored axes (z, x, y)
     zxy = nifti(ct.transpose(2, 0, 1).copy(), affine=AFFINES["ras"] @ perm)
     with pytest.warns(VolumeWarning, match="orientation SRA"):
-        mask_zxy = np.asarray(seg.segment(zxy).dataobj)
+        mask_zxy = seg.segment(zxy).mask
     assert np.array_equal(mask_zxy.transpose(1, 2, 0), mask_ras)
 
 
@@ -125,7 +125,7 @@ def test_mask_header_drops_the_inputs_display_range_and_intent(seg, tmp_path):
     img.header.set_intent("t test", (5.0,), name="tstat")
     path = tmp_path / "ct.nii.gz"
     nib.save(img, path)
-    for out in (seg.segment(img), nib.load(seg.segment_file(path).output)):
+    for out in (seg.segment(img).image, nib.load(seg.segment_file(path).output)):
         assert (float(out.header["cal_min"]), float(out.header["cal_max"])) == (0.0, 0.0)
         assert out.header.get_intent() == ("none", (), "")
         assert np.array_equal(out.affine, img.affine)
@@ -133,14 +133,12 @@ def test_mask_header_drops_the_inputs_display_range_and_intent(seg, tmp_path):
 
 def test_stage_timings_are_named_and_ordered(seg, tmp_path):
     img = nifti(synthetic_ct((40, 36, 28)))
-    seg.segment(img)
     in_memory = [s for s in STAGES if s != "write"] + ["total"]
-    assert list(seg.last_timings) == in_memory
+    assert list(seg.segment(img).timings) == in_memory
     path = tmp_path / "ct.nii.gz"
     nib.save(img, path)
     result = seg.segment_file(path)
     assert list(result.timings) == list(STAGES) + ["total"]
-    assert result.timings == seg.last_timings
     assert all(v >= 0 for v in result.timings.values())
     assert result.timings["network"] > 0
     assert sum(v for k, v in result.timings.items() if k != "total") <= result.timings["total"] + 1e-6
@@ -187,32 +185,34 @@ def test_sliding_window_covers_a_large_field_of_view(all_liver_bundle, random_bu
     """A grid larger than the 64^3 engine input goes through the sliding window; all of it is covered."""
     img = nifti(synthetic_ct((90, 70, 30)))  # 6 mm voxels: 90 x 70 > 64 on the spec grid
     with Segmenter.load(all_liver_bundle, backend="onnxruntime") as seg:
-        mask = np.asarray(seg.segment(img).dataobj)
+        mask = seg.segment(img).mask
         assert mask.shape == img.shape and mask.all()
     with Segmenter.load(random_bundle, backend="onnxruntime") as seg:
         out = seg.segment(img)
-        assert out.shape == img.shape and np.array_equal(out.affine, img.affine)
-        assert seg.last_timings["network"] > 0
+        assert out.image.shape == img.shape and np.array_equal(out.image.affine, img.affine)
+        assert out.timings["network"] > 0
 
 
 def test_four_d_input_uses_the_first_volume(seg):
     ct = synthetic_ct((32, 30, 24))
     img = nifti(np.stack([ct, np.full_like(ct, -1000)], axis=-1))
     with pytest.warns(VolumeWarning, match="4-D"):
-        out = seg.segment(img)
+        out = seg.segment(img).image
     assert out.shape == ct.shape
     assert np.array_equal(out.affine, img.affine)
-    assert np.array_equal(np.asarray(out.dataobj), np.asarray(seg.segment(nifti(ct)).dataobj))
+    assert np.array_equal(np.asarray(out.dataobj), seg.segment(nifti(ct)).mask)
 
 
-def test_segment_volume_returns_a_mask_volume(seg):
-    from liverkd.volume import Volume
+def test_segment_volume_returns_the_mask_and_its_facts(seg):
+    from liverkd.core.volume import Volume
 
     ct = synthetic_ct((32, 30, 24))
     vol = Volume(ct, AFFINES["ras"])
-    mask = seg.segment_volume(vol)
-    assert mask.array.shape == ct.shape and mask.array.dtype == np.uint8
-    assert np.array_equal(mask.affine, vol.affine)
+    out = seg.segment_volume(vol)
+    assert out.mask.shape == ct.shape and out.mask.dtype == np.uint8
+    assert np.array_equal(out.image.affine, vol.affine)
+    assert out.liver_ml == pytest.approx(out.mask.sum() * 6.0**3 / 1000)
+    assert "network" in out.timings and isinstance(out.warnings, list)
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
@@ -224,12 +224,12 @@ def test_deploy_runs_without_importing_torch(random_bundle, tmp_path, backend):
     code = (
         "import sys\n"
         "import nibabel as nib\n"
-        "from deploy import Segmenter\n"
+        "from liverkd.deploy import Segmenter\n"
         f"seg = Segmenter.load({str(random_bundle)!r}, backend={backend!r})\n"
-        f"out = seg.segment(nib.load({str(path)!r}))\n"
+        f"out = seg.segment(nib.load({str(path)!r})).image\n"
         f"seg.segment_file({str(path)!r}, {str(tmp_path / 'out.nii.gz')!r})\n"
         "assert out.shape == (32, 30, 24)\n"
-        "print(seg.runner.name, 'torch' in sys.modules, sorted(m for m in sys.modules if m.startswith('distill')))\n"
+        "print(seg.runner.name, 'torch' in sys.modules, sorted(m for m in sys.modules if 'distill' in m))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from deploy.sliding_window import gaussian_importance, sliding_window_inference, window_starts
+from liverkd.core.inference import gaussian_importance, sliding_window_inference, window_starts
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from liverkd.spec import SPEC_VERSION, PreprocessSpec
+from liverkd.core.spec import SPEC_VERSION, PreprocessSpec
 
 
 def test_defaults():

@@ -6,12 +6,12 @@ import shutil
 
 import numpy as np
 import pytest
+from liverkd.deploy.backends import RunnerError, open_runner
+from liverkd.deploy.backends import tensorrt as T
+from liverkd.deploy.bundle import Bundle
+from liverkd.deploy.cuda_preflight import preflight
 
-from deploy.backends import RunnerError, open_runner
-from deploy.backends import tensorrt as T
-from deploy.bundle import Bundle
-from deploy.cuda_preflight import preflight
-from liverkd.atomic import sha256_file
+from liverkd.core.atomic import sha256_file
 
 BUILT_FOR = {"version": "10.3.0", "gpu_name": "Orin", "compute_capability": "8.7", "driver": "12.2"}
 
@@ -22,7 +22,8 @@ def trt_and_gpu() -> tuple[bool, str]:
 
 @pytest.fixture(scope="module")
 def fp32_bundle(tmp_path_factory):
-    from deploy.build import build_engine
+    from liverkd.deploy.build import build_engine
+
     from tests._checkpoints import make_checkpoint
 
     folder = tmp_path_factory.mktemp("trt")
@@ -109,9 +110,10 @@ def test_tensorrt_build_and_run(tmp_path, precision):
     ok, why = trt_and_gpu()
     if not ok:
         pytest.skip(f"needs TensorRT and a GPU: {why}")
-    from deploy.build import build_engine
-    from deploy.calibrate import phantom_input
-    from liverkd.phantom import write_dataset
+    from liverkd.deploy.build import build_engine
+    from liverkd.deploy.calibrate import phantom_input
+
+    from liverkd.core.synth.phantom import write_dataset
     from tests._checkpoints import SPEC, threshold_checkpoint
 
     threshold_checkpoint(tmp_path / "m.pt")

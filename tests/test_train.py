@@ -3,12 +3,11 @@ import csv
 import numpy as np
 import pytest
 import torch
-
-from distill.checkpoint import load_checkpoint, model_from_checkpoint
-from distill.data import Augment, PatchDataset, extract_patch, phantom_volumes, prepare_case, split_cases
-from distill.gtan import GTANObjective
-from distill.models import UNet3D, UNetConfig
-from distill.train import PartialCheckpointExists, Supervised, TrainSettings, partial_path, train
+from liverkd.distill.checkpoint import load_checkpoint, model_from_checkpoint
+from liverkd.distill.data import Augment, PatchDataset, extract_patch, phantom_volumes, prepare_case, split_cases
+from liverkd.distill.gtan import GTANObjective
+from liverkd.distill.models import UNet3D, UNetConfig
+from liverkd.distill.train import PartialCheckpointExists, Supervised, TrainSettings, partial_path, train
 
 TINY = UNetConfig(widths=(4, 8))
 
@@ -90,9 +89,9 @@ def test_unaugmented_patch_is_an_exact_crop_no_flip(volumes):
 
 
 def test_cases_are_cached_once(tmp_path):
-    from liverkd.datasets import discover
-    from liverkd.phantom import write_dataset
-    from liverkd.spec import PreprocessSpec
+    from liverkd.core.datasets import discover
+    from liverkd.core.spec import PreprocessSpec
+    from liverkd.core.synth.phantom import write_dataset
 
     write_dataset(tmp_path / "ds", 4, seed=0, shape=(32, 32, 32))
     cases = discover(tmp_path / "ds")

@@ -7,10 +7,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from liverkd import preprocess as P
-from liverkd import volume as V
-from liverkd.metrics import dice
-from liverkd.spec import PreprocessSpec
+from liverkd.core import preprocess as P
+from liverkd.core import volume as V
+from liverkd.core.metrics import dice
+from liverkd.core.spec import PreprocessSpec
 
 TO_2MM = PreprocessSpec(spacing=(2.0, 2.0, 2.0))
 

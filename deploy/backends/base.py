@@ -62,23 +62,23 @@ def open_runner(bundle, backend: str = "auto", **options) -> Runner:
         backend = "onnxruntime"
         plan = bundle.file("plan")
         if plan is not None and plan.is_file():
-            from deploy.backends import tensorrt as trt_backend
+            from liverkd.deploy.backends import tensorrt as trt_backend
 
             ok, _why = trt_backend.plan_usable(bundle)
             if ok:
                 backend = "tensorrt"
     if backend == "onnxruntime":
-        from deploy.backends.onnxruntime import OnnxRuntimeRunner
+        from liverkd.deploy.backends.onnxruntime import OnnxRuntimeRunner
 
         return OnnxRuntimeRunner(**options).load(bundle)
     if backend == "tensorrt":
-        from deploy.backends.tensorrt import TensorRTRunner
+        from liverkd.deploy.backends.tensorrt import TensorRTRunner
 
         return TensorRTRunner(**options).load(bundle)
     if backend == "openvino":
-        from deploy.backends.openvino import OpenVINORunner
+        from liverkd.deploy.backends.openvino import OpenVINORunner
 
         return OpenVINORunner(**options).load(bundle)
-    from deploy.backends.torch import TorchRunner
+    from liverkd.deploy.backends.torch import TorchRunner
 
     return TorchRunner(**options).load(bundle)

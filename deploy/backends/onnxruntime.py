@@ -3,8 +3,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
-
-from deploy.backends.base import Runner, RunnerError
+from liverkd.deploy.backends.base import Runner, RunnerError
 
 
 class OnnxRuntimeRunner(Runner):

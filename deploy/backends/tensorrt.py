@@ -14,10 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from liverkd.deploy.backends.base import Runner, RunnerError
+from liverkd.deploy.cuda_preflight import preflight
 
-from deploy.backends.base import Runner, RunnerError
-from deploy.cuda_preflight import preflight
-from liverkd.atomic import atomic_path, sha256_file
+from liverkd.core.atomic import atomic_path, sha256_file
 
 
 def import_tensorrt():

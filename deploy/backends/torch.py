@@ -7,8 +7,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
-
-from deploy.backends.base import Runner, RunnerError
+from liverkd.deploy.backends.base import Runner, RunnerError
 
 
 class TorchRunner(Runner):
@@ -27,7 +26,7 @@ class TorchRunner(Runner):
             import torch
         except ImportError as e:
             raise RunnerError(f"PyTorch is not installed ({e})") from None
-        from deploy.export import ExportError, load_torch_model
+        from liverkd.deploy.export import ExportError, load_torch_model
 
         checkpoint = bundle.file("checkpoint")
         if checkpoint is None or not checkpoint.is_file():

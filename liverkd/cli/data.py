@@ -1,4 +1,4 @@
-"""CLI: `liverkd data synth` and `liverkd data check` (the work is liverkd.phantom / liverkd.datasets)."""
+"""CLI: `liverkd data synth` and `liverkd data check` (the work is liverkd.core.synth.phantom / liverkd.core.datasets)."""
 
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ def synth(
     ),
 ):
     """Write seeded synthetic abdominal CT phantoms with liver masks (MSD layout)."""
-    from liverkd.phantom import preview_dataset, write_dataset
-    from liverkd.volume import VolumeError
+    from liverkd.core.synth.phantom import preview_dataset, write_dataset
+    from liverkd.core.volume import VolumeError
 
     if out.exists() and not out.is_dir():
         _fail(f"{out}: exists and is not a folder")
@@ -57,8 +57,8 @@ def check(
     from rich.console import Console
     from rich.table import Table
 
-    from liverkd.datasets import DatasetError, discover, load_case
-    from liverkd.volume import VolumeError
+    from liverkd.core.datasets import DatasetError, discover, load_case
+    from liverkd.core.volume import VolumeError
 
     try:
         cases = discover(path)

@@ -22,7 +22,7 @@ def _fail(message: str):
 
 
 def _load(config: Path):
-    from distill.config import ConfigError, load_config
+    from liverkd.distill.config import ConfigError, load_config
 
     try:
         return load_config(config)
@@ -42,8 +42,8 @@ def run(config: Path = CONFIG, resume: bool = RESUME):
     cfg = _load(config)
     import time
 
-    from distill.pipeline import run as run_pipeline
-    from distill.train import PartialCheckpointExists
+    from liverkd.distill.pipeline import run as run_pipeline
+    from liverkd.distill.train import PartialCheckpointExists
 
     started = time.perf_counter()
     try:
@@ -68,9 +68,9 @@ def ablation(
 ):
     """Teacher once; then no KD, KD, TAKD and GTAN per student size: a markdown + JSON table."""
     cfg = _load(config)
-    from distill.pipeline import ablation as run_ablation
-    from distill.pipeline import markdown_table
-    from distill.train import PartialCheckpointExists
+    from liverkd.distill.pipeline import ablation as run_ablation
+    from liverkd.distill.pipeline import markdown_table
+    from liverkd.distill.train import PartialCheckpointExists
 
     try:
         table = run_ablation(cfg, seeds=seeds, resume=resume)

@@ -23,7 +23,7 @@ def export(
     ),
 ):
     """Export a checkpoint to ONNX (opset 17, BatchNorm folded, simplified) and check it against PyTorch."""
-    from deploy.export import ExportError, export_onnx
+    from liverkd.deploy.export import ExportError, export_onnx
 
     try:
         result = export_onnx(checkpoint, out, dynamic=dynamic)
@@ -48,12 +48,12 @@ def build_engine(
     """Build an engine bundle (ONNX, INT8/FP16 variants, TensorRT plan where possible, engine.json)."""
     from rich.console import Console
 
-    from deploy.backends.base import RunnerError
-    from deploy.build import BuildError
-    from deploy.build import build_engine as build
-    from deploy.calibrate import CalibrationError
-    from deploy.export import ExportError
-    from liverkd.volume import VolumeError
+    from liverkd.core.volume import VolumeError
+    from liverkd.deploy.backends.base import RunnerError
+    from liverkd.deploy.build import BuildError
+    from liverkd.deploy.build import build_engine as build
+    from liverkd.deploy.calibrate import CalibrationError
+    from liverkd.deploy.export import ExportError
 
     console = Console(highlight=False, soft_wrap=True)
     try:

@@ -61,8 +61,8 @@ def evaluate(
     from rich.progress import Progress
     from rich.table import Table
 
-    from liverkd.metrics import evaluate_files, to_jsonable
-    from liverkd.volume import VolumeError
+    from liverkd.core.metrics import evaluate_files, to_jsonable
+    from liverkd.core.volume import VolumeError
 
     def fail(message: str):
         typer.echo(f"error: {message}", err=True)

@@ -28,7 +28,7 @@ def _from_folder(folder: Path) -> tuple[list[Path], str | None]:
     files = sorted(p for p in folder.iterdir() if p.is_file() and _is_nifti(p) and not _is_our_output(p))
     if files:
         return files, None
-    from deploy.dicom import is_dicom_folder
+    from liverkd.deploy.dicom import is_dicom_folder
 
     if is_dicom_folder(folder):
         return [folder], None
@@ -76,11 +76,11 @@ def infer(
 
     from rich.console import Console
 
-    from deploy.backends.base import RunnerError
-    from deploy.bundle import BundleError, newest_bundle
-    from deploy.segment import Segmenter, output_path_for
     from liverkd.cli.progress import volume_progress
-    from liverkd.volume import VolumeError, VolumeWarning
+    from liverkd.core.volume import VolumeError, VolumeWarning
+    from liverkd.deploy.backends.base import RunnerError
+    from liverkd.deploy.bundle import BundleError, newest_bundle
+    from liverkd.deploy.segment import Segmenter, output_path_for
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
 

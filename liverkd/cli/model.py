@@ -13,8 +13,8 @@ def model_info(
     shape: tuple[int, int, int] = typer.Option((128, 128, 128), "--shape", help="Input volume X Y Z (voxels)."),
 ):
     """Print a preset's parameters, GFLOPs per volume and peak activation memory."""
-    from distill.modelinfo import model_info as info
-    from distill.models import PRESETS, create_model
+    from liverkd.distill.modelinfo import model_info as info
+    from liverkd.distill.models import PRESETS, create_model
 
     if preset not in PRESETS:
         typer.echo(f"error: unknown preset {preset!r}; choose from {', '.join(PRESETS)}", err=True)

@@ -40,11 +40,11 @@ def profile(
     """Time every stage of segmenting a volume (read to write), per engine and backend."""
     from rich.console import Console
 
-    from deploy.backends.base import RunnerError
-    from deploy.bundle import BundleError, newest_bundle
-    from deploy.profile import profile as run
     from liverkd.cli.progress import volume_progress
-    from liverkd.volume import VolumeError
+    from liverkd.core.volume import VolumeError
+    from liverkd.deploy.backends.base import RunnerError
+    from liverkd.deploy.bundle import BundleError, newest_bundle
+    from liverkd.deploy.profile import profile as run
 
     console = Console() if sys.stdout.isatty() else Console(width=120)  # logs keep whole numbers
     try:

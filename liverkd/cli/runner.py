@@ -11,6 +11,6 @@ from liverkd.cli.app import app
 )
 def runner(ctx: typer.Context):
     """Embedded device runner: segment each volume arriving in --inbox (see `liverkd runner --help`)."""
-    from deploy.runner import main
+    from liverkd.deploy.runner import main
 
     raise typer.Exit(main(ctx.args, prog="liverkd runner"))

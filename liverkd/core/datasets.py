@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from liverkd import volume as V
+from liverkd.core import volume as V
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 LITS_VOLUME = re.compile(r"^volume-(\d+)\.nii(\.gz)?$")

@@ -25,8 +25,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from liverkd import volume as V
-from liverkd.atomic import write_json
+from liverkd.core import volume as V
+from liverkd.core.atomic import write_json
 
 FOV_MM = 384.0
 """Default field of view per axis; spacing = FOV_MM / shape (64^3 -> 6 mm voxels)."""
@@ -611,8 +611,8 @@ def write_dataset(out_dir, n: int, seed: int = 0, shape=(64, 64, 64), spacing=No
         out_dir / "dataset.json",
         {
             "name": "liverkd-phantoms",
-            "description": "Synthetic abdominal CT with liver masks (liverkd.phantom)",
-            "reference": "liverkd.phantom",
+            "description": "Synthetic abdominal CT with liver masks (liverkd.core.synth.phantom)",
+            "reference": "liverkd.core.synth.phantom",
             "licence": "CC0",
             "tensorImageSize": "3D",
             "modality": {"0": "CT"},
@@ -651,7 +651,7 @@ def preview(cases, out_png, window=(-175.0, 250.0)) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from liverkd.atomic import atomic_path
+    from liverkd.core.atomic import atomic_path
 
     cases = list(cases)
     fig, axes = plt.subplots(2, len(cases), figsize=(3.2 * len(cases), 6.6), squeeze=False)

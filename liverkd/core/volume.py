@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from liverkd.atomic import atomic_path
+from liverkd.core.atomic import atomic_path
 
 MAX_VOXELS = 2_000_000_000
 """Refuse headers that claim more voxels than this (2e9 voxels = 8 GB as float32)."""

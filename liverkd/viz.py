@@ -7,8 +7,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from liverkd import volume as V
-from liverkd.atomic import atomic_path
+from liverkd.core import volume as V
+from liverkd.core.atomic import atomic_path
 
 
 def _canonical_view(array: np.ndarray, affine: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from liverkd.volume import VolumeError, load
+from liverkd.core.volume import VolumeError, load
 
 _CROSS = ndimage.generate_binary_structure(3, 1)
 
