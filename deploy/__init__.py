@@ -1,7 +1,5 @@
-"""Deployment side: export, calibration, engine bundles, backends, Segmenter, profile, runner.
-
-No torch at run time; only deploy.export imports it (lazily).
-"""
+"""Deployment side (liverkd.deploy): export, calibration, engine bundles, backends, Segmenter,
+profile, the device runner. No torch at run time; only liverkd.deploy.export imports it (lazily)."""
 
 __all__ = ["Segmenter"]
 
@@ -12,4 +10,4 @@ def __getattr__(name):
         from liverkd.deploy.segment import Segmenter
 
         return Segmenter
-    raise AttributeError(f"module 'deploy' has no attribute {name!r}")
+    raise AttributeError(f"module 'liverkd.deploy' has no attribute {name!r}")

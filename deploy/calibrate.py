@@ -9,11 +9,13 @@ per-channel weights, biases left in float (TensorRT refuses INT32 DequantizeLine
 from __future__ import annotations
 
 import contextlib
-import inspect
+import enum
 import io
+import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -65,15 +67,18 @@ def calibration_files(folder) -> list[Path]:
     return files
 
 
-def load_inputs(files, spec: PreprocessSpec) -> list[np.ndarray]:
-    """Network inputs for `files`; a file that cannot be read raises CalibrationError naming it."""
-    inputs = []
+def iter_inputs(files, spec: PreprocessSpec) -> Iterator[np.ndarray]:
+    """Network inputs for `files`, read one at a time; a file that cannot be read raises CalibrationError naming it."""
     for path in files:
         try:
-            inputs.append(network_input(V.load(path), spec))
+            yield network_input(V.load(path), spec)
         except V.VolumeError as e:
             raise CalibrationError(f"calibration volume {e}") from None
-    return inputs
+
+
+def load_inputs(files, spec: PreprocessSpec) -> list[np.ndarray]:
+    """Network inputs for `files`, all in memory (the accuracy gate's held-out volumes)."""
+    return list(iter_inputs(files, spec))
 
 
 def split_held_out(files: list[Path]) -> tuple[list[Path], list[Path]]:
@@ -84,23 +89,16 @@ def split_held_out(files: list[Path]) -> tuple[list[Path], list[Path]]:
     return [f for f in files if f not in held], held
 
 
-class _Reader:
-    """onnxruntime.quantization.CalibrationDataReader over in-memory inputs."""
+class _OneVolume:
+    """A CalibrationDataReader over one network input: the calibrators fold each volume into their
+    running min/max or histograms and drop its activations before the next volume is run."""
 
-    def __init__(self, input_name: str, inputs: list[np.ndarray]):
-        self.input_name = input_name
-        self.inputs = inputs
-        self._it = iter(inputs)
+    def __init__(self, feed: dict):
+        self.feed = feed
 
     def get_next(self):
-        x = next(self._it, None)
-        return None if x is None else {self.input_name: x}
-
-    def rewind(self):
-        self._it = iter(self.inputs)
-
-    def __len__(self):
-        return len(self.inputs)
+        feed, self.feed = self.feed, None
+        return feed
 
 
 CALIBRATOR_OPTIONS = {
@@ -111,65 +109,96 @@ CALIBRATOR_OPTIONS = {
     "entropy": {"symmetric": True, "num_bins": 2048, "num_quantized_bins": 128},
     "percentile": {"symmetric": True, "num_bins": 2048, "percentile": 99.999},
 }
+WEIGHTED_OPS = ["Conv", "ConvTranspose"]
+"""The layers TensorRT runs in INT8: Q/DQ goes on their inputs (activation and weight) and nowhere else."""
 
 
-def quantize_int8(onnx_in, onnx_out, inputs: list[np.ndarray], method: str, stats_out) -> None:
-    """Calibrate on `inputs` (ranges saved to `stats_out`, ONNX Runtime's calibration-cache JSON),
-    then write the Q/DQ INT8 ONNX from those ranges."""
+def qdq_options(model) -> dict:
+    """ONNX Runtime QDQQuantizer options for the layout TensorRT's explicit quantization wants."""
+    deconv_weights = [n.input[1] for n in model.graph.node if n.op_type == "ConvTranspose"]
+    return {
+        "ActivationSymmetric": True,  # TensorRT: symmetric int8, zero point 0
+        "WeightSymmetric": True,
+        "QuantizeBias": False,  # biases stay float (TensorRT refuses INT32 DequantizeLinear)
+        "AddQDQPairToWeight": True,  # float weight -> Q -> DQ (TensorRT <= 8.4 refuses int8 weight -> DQ)
+        "OpTypesToExcludeOutputQuantization": WEIGHTED_OPS,  # no requantized outputs; the logits stay float
+        "DedicatedQDQPair": True,  # TensorRT: one Q/DQ pair per consumer
+        # ORT >= 1.18 quantizes ConvTranspose weights per output channel (axis 1); TensorRT's
+        # deconvolution kernels take axis 0 only (NVIDIA/TensorRT#2380), as NVIDIA's quantizers write.
+        "TensorQuantOverrides": {w: [{"axis": 0}] for w in deconv_weights},
+    }
+
+
+def quantize_int8(onnx_in, onnx_out, inputs: Iterable[np.ndarray], method: str, stats_out) -> None:
+    """Calibrate on `inputs`, one volume at a time (memory: one volume's activations and the
+    histograms), save the ranges to `stats_out` (ONNX Runtime's calibration-cache JSON), then write
+    the Q/DQ INT8 ONNX from those ranges.
+
+    Uses only ONNX Runtime APIs that 1.23 (the newest with Python 3.10 wheels, JetPack 6) has.
+    """
     if method not in METHODS:
         raise CalibrationError(f"unknown calibration method {method!r}; choose from {', '.join(METHODS)}")
-    if not inputs:
-        raise CalibrationError("no calibration inputs")
     import onnx
-    import onnxruntime
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+    from onnxruntime.quantization import CalibrationMethod, QuantType
+    from onnxruntime.quantization.calibrate import create_calibrator
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 
-    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
-        raise CalibrationError(
-            f"onnxruntime {onnxruntime.__version__} cannot quantize from saved ranges "
-            "(quantize_static has no calibration_cache_path); INT8 calibration needs a newer onnxruntime"
-        )
-    reader_cls = type("CalibReader", (_Reader, CalibrationDataReader), {})
-    input_name = onnx.load(str(onnx_in), load_external_data=False).graph.input[0].name
+    model = onnx.load(str(onnx_in))
+    input_name = model.graph.input[0].name
     calibrate_method = {
         "minmax": CalibrationMethod.MinMax,
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
     }[method]
     with _quiet(), tempfile.TemporaryDirectory(prefix="liverkd-calib-") as work:
+        fp32 = Path(work) / "fp32.onnx"  # the calibrator writes a shape-inferred copy beside its input
+        onnx.save(model, str(fp32))
         calibrator = create_calibrator(
-            Path(onnx_in),
+            fp32,
+            WEIGHTED_OPS,
             augmented_model_path=str(Path(work) / "augmented.onnx"),
             calibrate_method=calibrate_method,
             extra_options=CALIBRATOR_OPTIONS[method],
         )
-        calibrator.collect_data(reader_cls(input_name, inputs))
+        n = 0
+        for x in inputs:
+            calibrator.collect_data(_OneVolume({input_name: x}))
+            n += 1
+        if not n:
+            raise CalibrationError("no calibration inputs")
         ranges = calibrator.compute_data()
-        with atomic_path(stats_out, suffix=".json") as tmp:
-            save_tensors_data(ranges, tmp)
-        quantize_static(
-            str(onnx_in),
-            str(onnx_out),
-            None,
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=calibrate_method,
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
-            calibration_cache_path=str(stats_out),
+        del calibrator
+        write_ranges(ranges, stats_out)
+        # quantize_static(calibration_cache_path=...) appeared in ORT 1.27; its quantizer is this one.
+        quantizer = QDQQuantizer(
+            model, True, False, QuantType.QInt8, QuantType.QInt8, ranges, [], [], WEIGHTED_OPS, qdq_options(model)
         )
-    model = onnx.load(str(onnx_out), load_external_data=False)
-    opset = {o.domain or "ai.onnx": o.version for o in model.opset_import}
+        quantized = quantizer.quantize_model()
+    opset = {o.domain or "ai.onnx": o.version for o in quantized.opset_import}
     if opset.get("ai.onnx") != 17:
         raise CalibrationError(f"{onnx_out}: quantized model has opsets {opset}, expected ai.onnx 17")
+    with atomic_path(onnx_out, suffix=".onnx") as tmp:
+        onnx.save(quantized, str(tmp))
+
+
+def write_ranges(ranges, path) -> Path:
+    """ONNX Runtime's calibration-cache JSON (save_tensors_data's layout, ORT >= 1.27, which its
+    load_tensors_data reads), written here so that it is the same file under ORT 1.23."""
+    payload = {**ranges.to_dict(), "smooth_quant": False}
+    return write_text(path, json.dumps(payload, default=_cache_json))
+
+
+def _cache_json(obj):
+    """json.dumps default for ONNX Runtime's calibration objects (as its CalibrationCacheEncoder)."""
+    if isinstance(obj, np.ndarray):
+        return {"data": obj.tolist(), "dtype": str(obj.dtype), "CLS": "numpy.array"}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, enum.Enum):
+        return {"CLS": type(obj).__name__, "value": str(obj)}
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    raise TypeError(f"cannot write {type(obj).__name__} to a calibration cache")
 
 
 @contextlib.contextmanager
@@ -187,7 +216,7 @@ def _quiet():
 
 def calibrate(onnx_in, onnx_out, calib_files, spec: PreprocessSpec, method: str, stats_out) -> dict:
     """calib files -> Q/DQ ONNX + calibration statistics; returns engine.json's "calibration" entry."""
-    quantize_int8(onnx_in, onnx_out, load_inputs(calib_files, spec), method, stats_out)
+    quantize_int8(onnx_in, onnx_out, iter_inputs(calib_files, spec), method, stats_out)
     names = [Path(f).name for f in calib_files]
     return {"method": method, "files": names, "n": len(names), "statistics": Path(stats_out).name}
 

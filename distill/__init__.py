@@ -1,1 +1,2 @@
-"""Training side (torch): models, losses, GTAN, the training loop and the pipeline."""
+"""Training side (liverkd.distill, torch): models, losses, objectives, GTAN, the training loop
+and the pipeline. Evaluation goes through liverkd.core.inference, the path `liverkd infer` runs."""

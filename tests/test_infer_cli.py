@@ -102,25 +102,29 @@ def test_stats_and_preview(liverkd_cmd, engine, tmp_path):
     assert (tmp_path / "ct_liver.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_newest_engine_is_used_and_named(liverkd_cmd, tmp_path):
-    engines = tmp_path / "engines"
-    old = make_bundle(engines / "old")
-    new = make_bundle(engines / "new", constant=1)
-    os.utime(old / "engine.json", (1_000_000_000, 1_000_000_000))
+def test_without_engine_the_packaged_model_runs_in_an_empty_folder(liverkd_cmd, tmp_path):
+    """A fresh install: no engines/, no --engine -> the model inside the package."""
+    from liverkd import models
+
     src = write_ct(tmp_path / "ct.nii.gz")
     proc = run(liverkd_cmd, src.name, "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert f"using engine {os.path.join('engines', 'new')}" in proc.stderr
-    mask = np.asarray(nib.load(tmp_path / "ct_liver.nii.gz").dataobj)
-    assert mask.all()  # the all-liver engine ran, not the old one
-    assert new.is_dir()
+    assert f"using the packaged model {models.DEFAULT}" in proc.stderr
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = nib.load(tmp_path / "ct_liver.nii.gz")
+    assert line["output"] == "ct_liver.nii.gz" and out.shape == nib.load(src).shape
 
 
-def test_no_engine_is_a_clear_error(liverkd_cmd, tmp_path):
+def test_a_packaged_model_is_selected_by_name_and_a_wrong_name_is_one_line(liverkd_cmd, tmp_path):
+    from liverkd import models
+
     src = write_ct(tmp_path / "ct.nii.gz")
-    proc = run(liverkd_cmd, src, cwd=tmp_path)
-    assert proc.returncode == 2
-    assert "no engine bundles" in proc.stderr and "build-engine" in proc.stderr
+    for name in models.names():
+        proc = run(liverkd_cmd, src.name, "--engine", name, "-o", f"{name}.nii.gz", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    proc = run(liverkd_cmd, src.name, "--engine", "no-such-model", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert len(proc.stderr.strip().splitlines()) == 1 and "no-such-model" in proc.stderr
     assert not (tmp_path / "ct_liver.nii.gz").exists()
 
 

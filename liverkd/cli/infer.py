@@ -65,7 +65,9 @@ def infer(
     output: Path | None = typer.Option(
         None, "-o", "--output", help="Output .nii.gz (one input) or folder; default <input>_liver.nii.gz beside it."
     ),
-    engine: Path | None = typer.Option(None, "--engine", help="Engine bundle folder; default: the newest in engines/."),
+    engine: str | None = typer.Option(
+        None, "--engine", help="Engine bundle folder, or a packaged model's name; default: the packaged student-30k."
+    ),
     backend: str = typer.Option("auto", "--backend", help="auto, onnxruntime, tensorrt, torch or openvino (CPU)."),
     stats: bool = typer.Option(False, "--stats", help="Also write <output>.json: liver volume (mL), mean HU, timings."),
     preview: bool = typer.Option(False, "--preview", help="Also write <output>.png: axial/coronal/sagittal overlays."),
@@ -76,10 +78,12 @@ def infer(
 
     from rich.console import Console
 
+    from liverkd import models
     from liverkd.cli.progress import volume_progress
+    from liverkd.core.errors import LiverkdError
     from liverkd.core.volume import VolumeError, VolumeWarning
     from liverkd.deploy.backends.base import RunnerError
-    from liverkd.deploy.bundle import BundleError, newest_bundle
+    from liverkd.deploy.bundle import BundleError
     from liverkd.deploy.segment import Segmenter, output_path_for
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -105,12 +109,10 @@ def infer(
                 raise typer.Exit(1) from None
 
     try:
+        segmenter = Segmenter.load(models.resolve(engine), backend=backend)
         if engine is None:
-            bundle = newest_bundle("engines")
-            say(f"using engine {bundle.path} (the newest in engines/)")
-            engine = bundle
-        segmenter = Segmenter.load(engine, backend=backend)
-    except (BundleError, RunnerError) as e:
+            say(f"using the packaged model {models.DEFAULT} ({segmenter.bundle.path})")
+    except (BundleError, RunnerError, LiverkdError) as e:
         say(f"error: {e}")
         raise typer.Exit(2) from None
 

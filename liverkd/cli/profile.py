@@ -17,8 +17,8 @@ def _check_output(path: Path | None, option: str) -> None:
 
 @app.command()
 def profile(
-    engine: list[Path] = typer.Option(
-        None, "--engine", "-e", help="Engine bundle folder; repeat to compare. Default: the newest under engines/."
+    engine: list[str] = typer.Option(
+        None, "--engine", "-e", help="Bundle folder or packaged model name; repeat to compare. Default: student-30k."
     ),
     backend: list[str] = typer.Option(
         None,
@@ -40,10 +40,12 @@ def profile(
     """Time every stage of segmenting a volume (read to write), per engine and backend."""
     from rich.console import Console
 
+    from liverkd import models
     from liverkd.cli.progress import volume_progress
+    from liverkd.core.errors import LiverkdError
     from liverkd.core.volume import VolumeError
     from liverkd.deploy.backends.base import RunnerError
-    from liverkd.deploy.bundle import BundleError, newest_bundle
+    from liverkd.deploy.bundle import BundleError
     from liverkd.deploy.profile import profile as run
 
     console = Console() if sys.stdout.isatty() else Console(width=120)  # logs keep whole numbers
@@ -52,7 +54,7 @@ def profile(
             raise ValueError("give --volumes or --synthetic, not both")
         for path, option in ((json_out, "--json"), (csv_out, "--csv"), (plot, "--plot")):
             _check_output(path, option)
-        engines = list(engine) if engine else [newest_bundle("engines").path]
+        engines = [models.resolve(e) for e in engine] if engine else [models.resolve(None)]
         with volume_progress(console) as progress:
             report = run(
                 engines,
@@ -63,7 +65,7 @@ def profile(
                 runs=runs,
                 progress=progress,
             )
-    except (BundleError, RunnerError, VolumeError, ValueError, OSError) as e:
+    except (BundleError, RunnerError, VolumeError, LiverkdError, ValueError, OSError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         typer.echo(f"error: {message}", err=True)
         raise typer.Exit(1) from None

@@ -22,19 +22,18 @@ from pathlib import Path
 import numpy as np
 
 from liverkd.core import volume as V
+from liverkd.core.errors import LiverkdError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 LITS_VOLUME = re.compile(r"^volume-(\d+)\.nii(\.gz)?$")
 LITS_SEGMENTATION = re.compile(r"^segmentation-(\d+)\.nii(\.gz)?$")
 
 
-class DatasetError(ValueError):
+class DatasetError(LiverkdError, ValueError):
     """A data set that cannot be used as it is. str() is one line: '<path>: <problem>'."""
 
     def __init__(self, path, problem: str):
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
+        super().__init__(path, problem)
 
 
 @dataclass(frozen=True)

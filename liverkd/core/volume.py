@@ -19,18 +19,17 @@ import numpy as np
 from scipy import ndimage
 
 from liverkd.core.atomic import atomic_path
+from liverkd.core.errors import LiverkdError
 
 MAX_VOXELS = 2_000_000_000
 """Refuse headers that claim more voxels than this (2e9 voxels = 8 GB as float32)."""
 
 
-class VolumeError(ValueError):
+class VolumeError(LiverkdError, ValueError):
     """Bad input volume. str() is one line: '<path>: <problem>'."""
 
     def __init__(self, path, problem: str):
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
+        super().__init__(path, problem)
 
 
 class VolumeWarning(UserWarning):

@@ -1,0 +1,65 @@
+"""The wheel: one top-level package (`liverkd`), every source folder in it under its liverkd.*
+name, and `from liverkd import Segmenter` working from a non-editable install without torch."""
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = {"liverkd": "liverkd", "distill": "liverkd/distill", "deploy": "liverkd/deploy"}
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """Built from a copy of the sources (a build in place would leave build/ in the checkout)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in [*SOURCES, "pyproject.toml", "README.md", "LICENSE"]:
+        path = ROOT / name
+        if path.is_dir():
+            shutil.copytree(path, src / name, ignore=ignore)
+        elif path.is_file():
+            shutil.copy2(path, src / name)
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp), str(src)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (found,) = tmp.glob("liverkd-*.whl")
+    return found
+
+
+def test_the_wheel_has_one_top_level_package(wheel):
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        top_level = {n.split("/")[0] for n in names}
+        (info,) = [t for t in top_level if t.endswith(".dist-info")]
+        assert top_level == {"liverkd", info}
+        if f"{info}/top_level.txt" in names:
+            assert z.read(f"{info}/top_level.txt").decode().split() == ["liverkd"]
+    for folder, installed in SOURCES.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            rel = path.relative_to(ROOT / folder).as_posix()
+            assert f"{installed}/{rel}" in names, f"{folder}/{rel} is not in the wheel"
+
+
+def test_segmenter_imports_from_the_installed_wheel_without_torch(wheel, tmp_path):
+    target = tmp_path / "site"
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    code = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(target)!r})\n"
+        "sys.modules['torch'] = None  # any import of torch now fails\n"
+        "import liverkd\n"
+        "from liverkd import Segmenter\n"
+        "import liverkd.cli\n"
+        "print(liverkd.__file__)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().startswith(str(target)), "imported the checkout, not the wheel"
