@@ -4,11 +4,12 @@
     python3 benchmarks/gpu_check.py --device cpu --runs 2 --size 32  # the same code on a CPU
 
 Needs only torch and numpy (onnxruntime, onnx and tensorrt are used when importable); no
-network, no liverkd install: it puts the repository root on sys.path. Trains nothing:
-random-init students (latency does not depend on the weights) or --checkpoint files.
-Every variant runs in its own try/except; a variant that cannot run prints why it was skipped.
-Columns: median host->host ms per volume (numpy in, numpy logits out), median GPU ms (CUDA
-events around the network alone, where measured), argmax agreement with PyTorch fp32.
+network, no liverkd install: without one it reads liverkd.distill and liverkd.deploy from the
+repository's distill/ and deploy/. Trains nothing: random-init students (latency does not
+depend on the weights) or --checkpoint files. Every variant runs in its own try/except; a
+variant that cannot run prints why it was skipped. Columns: median host->host ms per volume
+(numpy in, numpy logits out), median GPU ms (CUDA events around the network alone, where
+measured), argmax agreement with PyTorch fp32 (timed and compared by deploy.compare).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import argparse
 import copy
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -25,15 +25,18 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+try:
+    import liverkd.distill  # noqa: F401  (installed, or an editable install)
+except ImportError:  # a bare checkout: liverkd.distill is distill/, liverkd.deploy is deploy/
+    import liverkd
+
+    liverkd.__path__.append(str(ROOT))
 
 
 class Skip(Exception):
     """This variant cannot run here; str() says why."""
-
-
-def median(values) -> float:
-    return statistics.median(values) if values else float("nan")
 
 
 # ---------------------------------------------------------------- PyTorch variants
@@ -127,21 +130,20 @@ def fp16_onnx(path: Path) -> Path:
 
 
 def ort_runner(path: Path, provider: str):
+    """deploy's OnnxRuntimeRunner on `provider` alone (a session that fell back to another is skipped)."""
+    from liverkd.deploy.backends.base import RunnerError
+    from liverkd.deploy.backends.onnxruntime import OnnxRuntimeRunner
+    from liverkd.deploy.bundle import ModelFile
+
     try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise Skip(f"onnxruntime not installed ({e})") from None
-    if provider not in ort.get_available_providers():
-        raise Skip(f"{provider} not in this onnxruntime ({', '.join(ort.get_available_providers())})")
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
-    if session.get_providers()[0] != provider:
-        raise Skip(f"{provider} was requested but the session fell back to {session.get_providers()}")
+        runner = OnnxRuntimeRunner(ModelFile.of(path), providers=[provider])
+    except RunnerError as e:
+        raise Skip(str(e)) from None
+    if runner.session.get_providers()[0] != provider:
+        raise Skip(f"{provider} was requested but the session fell back to {runner.session.get_providers()}")
 
     def run(x):
-        return session.run(None, {"input": x})[0], None
+        return runner.infer(x), None
 
     return run
 
@@ -152,17 +154,11 @@ def tensorrt_runner(path: Path, precision: str, folder: Path):
     except ImportError as e:
         raise Skip(f"TensorRT not installed ({e})") from None
     from liverkd.deploy.backends.tensorrt import TensorRTRunner, build_plan
-    from liverkd.deploy.bundle import Bundle
+    from liverkd.deploy.bundle import ModelFile
 
-    bundle_dir = folder / f"trt-{path.stem}-{precision}"
-    bundle_dir.mkdir(exist_ok=True)
-    trt_facts = build_plan(path, bundle_dir / "model.plan", precision, workspace_mib=2048)
-    meta = {
-        "spec": {}, "precision": precision, "input": {"name": "input"}, "output": {"name": "logits"},
-        "files": {"onnx": path.name, "plan": "model.plan"}, "tensorrt": trt_facts,
-    }  # fmt: skip
-    (bundle_dir / path.name).write_bytes(path.read_bytes())
-    runner = TensorRTRunner().load(Bundle(bundle_dir, meta))
+    plan = folder / f"{path.stem}-{precision}.plan"
+    built_for = build_plan(path, plan, precision, workspace_mib=2048)
+    runner = TensorRTRunner(ModelFile.of(plan), precision=precision, built_for=built_for)
 
     def run(x):
         out = runner.infer(x)
@@ -174,19 +170,25 @@ def tensorrt_runner(path: Path, precision: str, folder: Path):
 # ---------------------------------------------------------------- the table
 
 
-def time_variant(run, x, runs: int, reference):
-    run(x)  # warm-up (and compilation, autotuning)
-    run(x)
-    host, gpu = [], []
-    out = None
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        out, gpu_ms = run(x)
-        host.append((time.perf_counter() - t0) * 1e3)
-        if gpu_ms is not None:
-            gpu.append(gpu_ms)
-    agree = float((out.argmax(1) == reference.argmax(1)).mean()) if reference is not None else 1.0
-    return median(host), median(gpu), agree
+class Timed:
+    """A variant's function x -> (logits, GPU ms or None) as a runner deploy.compare.run can time."""
+
+    def __init__(self, fn):
+        self.fn, self.last_timings = fn, {}
+
+    def infer(self, x):
+        out, gpu_ms = self.fn(x)
+        self.last_timings = {} if gpu_ms is None else {"network": gpu_ms / 1e3}
+        return out
+
+
+def time_variant(fn, x, runs: int, reference):
+    """(median host ms, median GPU ms, argmax agreement with `reference`, the logits) after 2 warm-ups."""
+    from liverkd.deploy.compare import compare, run
+
+    result = run({"variant": Timed(fn)}, [x], rounds=runs, warmup=2)["variant"]
+    agree = compare([reference], result.outputs).argmax_agreement if reference is not None else 1.0
+    return result.median_ms, result.median_network_ms, agree, result.outputs[0]
 
 
 def environment(device: str) -> list[str]:
@@ -228,6 +230,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import torch
+
     from liverkd.distill.models import count_params, create_model
 
     t_start = time.perf_counter()
@@ -264,9 +267,8 @@ def main(argv=None) -> int:
             try:
                 run = make()
                 runs = min(args.runs, 5) if "CPU" in label and device != "cpu" else args.runs
-                host_ms, gpu_ms, agree = time_variant(run, x, runs, references.get(name))
-                if name not in references:
-                    references[name] = run(x)[0]
+                host_ms, gpu_ms, agree, out = time_variant(run, x, runs, references.get(name))
+                references.setdefault(name, out)
                 rows.append((name, params[name], label, host_ms, gpu_ms, agree))
                 gpu_text = f"{gpu_ms:8.2f}" if gpu_ms == gpu_ms else "       -"
                 print(

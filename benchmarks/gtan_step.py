@@ -1,6 +1,6 @@
 """GTAN training step time / KD training step time at the 30k preset (goal <= 1.3).
 
-Both steps are the real objectives of distill.train / distill.gtan with AdamW, measured
+Both steps are the real objectives of distill/objectives.py with AdamW, measured
 interleaved in the same process on the same batch. A GTAN step's cost depends on the
 assistant's current width, so it is timed at every width of the schedule; the headline
 ratio weights them by the share of training each width gets (gtan.grow_until).
@@ -15,9 +15,10 @@ import statistics
 import time
 
 import torch
-from liverkd.distill.gtan import GTANObjective, assistant_index
+
+from liverkd.distill.gtan import assistant_index
 from liverkd.distill.models import PRESETS, create_model
-from liverkd.distill.train import KnowledgeDistillation
+from liverkd.distill.objectives import GTANObjective, KnowledgeDistillation
 
 
 def step_timer(objective, x, y, device):
@@ -47,7 +48,7 @@ def main():
     ap.add_argument("--patch", type=int, default=64, help="cubic patch edge (voxels)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--widths", type=int, default=4, help="gtan.widths")
+    ap.add_argument("--n-widths", type=int, default=4, help="gtan.n_widths")
     ap.add_argument("--grow-until", type=float, default=0.5, help="gtan.grow_until")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -57,13 +58,16 @@ def main():
     y = (x[:, 0] > 0.5).long()
     teacher = create_model("teacher").to(device)
     kd = KnowledgeDistillation(create_model(args.student), teacher)
-    gtan = GTANObjective(teacher, PRESETS[args.student], PRESETS[args.assistant], n_widths=args.widths,
-                         grow_until=args.grow_until)
+    gtan = GTANObjective(
+        teacher, PRESETS[args.student], PRESETS[args.assistant], n_widths=args.n_widths, grow_until=args.grow_until
+    )
     timers = {"kd": step_timer(kd, x, y, device)}
-    for k in range(1, args.widths + 1):
+    for k in range(1, args.n_widths + 1):
+
         def at_width(k=k, step=step_timer(gtan, x, y, device)):
             gtan.module.assistant_k = k
             return step()
+
         timers[f"gtan@{k}"] = at_width
     times = {name: [] for name in timers}
     for t in timers.values():  # warm-up
@@ -73,16 +77,20 @@ def main():
             times[name].append(t())
     med = {name: statistics.median(v) for name, v in times.items()}
     steps = 1000
-    share = {k: 0 for k in range(1, args.widths + 1)}
+    share = {k: 0 for k in range(1, args.n_widths + 1)}
     for s in range(steps):
-        share[assistant_index(s, steps, args.widths, args.grow_until)] += 1 / steps
-    print(f"device {device}, {torch.get_num_threads()} threads, batch {args.batch} x {args.patch}^3, "
-          f"student {args.student}, assistant {args.assistant}, teacher; median of {args.repeats}")
+        share[assistant_index(s, steps, args.n_widths, args.grow_until)] += 1 / steps
+    print(
+        f"device {device}, {torch.get_num_threads()} threads, batch {args.batch} x {args.patch}^3, "
+        f"student {args.student}, assistant {args.assistant}, teacher; median of {args.repeats}"
+    )
     print(f"  KD step                  {med['kd'] * 1e3:8.1f} ms")
-    for k in range(1, args.widths + 1):
+    for k in range(1, args.n_widths + 1):
         widths = gtan.slim.schedule[k]
-        print(f"  GTAN step, assistant {str(list(widths)):<17} {med[f'gtan@{k}'] * 1e3:8.1f} ms  "
-              f"ratio {med[f'gtan@{k}'] / med['kd']:.2f}  ({100 * share[k]:.0f}% of training)")
+        print(
+            f"  GTAN step, assistant {str(list(widths)):<17} {med[f'gtan@{k}'] * 1e3:8.1f} ms  "
+            f"ratio {med[f'gtan@{k}'] / med['kd']:.2f}  ({100 * share[k]:.0f}% of training)"
+        )
     weighted = sum(share[k] * med[f"gtan@{k}"] for k in share)
     print(f"GTAN/KD step time over the growth schedule: {weighted / med['kd']:.2f}  (goal <= 1.3)")
 

@@ -7,7 +7,8 @@ size: the fp32 export, the shipped INT8 file (deploy.calibrate: symmetric QInt8,
 float bias, i.e. what TensorRT wants), the fp16 file (deploy.fp16.to_fp16), and an INT8
 variant tuned the way ONNX Runtime recommends for x86 CPUs (QUInt8 activations, per-tensor
 weights, quantized bias) to see whether any INT8 layout pays off on this CPU. Calibration uses
-two phantoms. All timings in one process, the same session options as OnnxRuntimeRunner.
+two phantoms. Every file runs in deploy's OnnxRuntimeRunner, all of them interleaved in one
+process (deploy.compare.run); the last column is each file's argmax agreement with fp32.
 """
 
 from __future__ import annotations
@@ -17,35 +18,11 @@ import contextlib
 import io
 import logging
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def session(path):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = os.cpu_count() or 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
-def median_ms(path, x, runs: int) -> float:
-    s = session(path)
-    feed = {s.get_inputs()[0].name: x}
-    s.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        s.run(None, feed)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def ort_cpu_tuned_int8(onnx_in, onnx_out, inputs) -> None:
@@ -77,14 +54,17 @@ def main(argv=None) -> int:
 
     import onnxruntime as ort
     import torch
+
+    from liverkd.core.spec import PreprocessSpec
+    from liverkd.deploy.backends.onnxruntime import OnnxRuntimeRunner
+    from liverkd.deploy.bundle import ModelFile
     from liverkd.deploy.calibrate import phantom_input, quantize_int8
+    from liverkd.deploy.compare import compare, run
     from liverkd.deploy.device_info import cpu_model
     from liverkd.deploy.export import export_onnx
     from liverkd.deploy.fp16 import to_fp16
     from liverkd.distill.checkpoint import save_checkpoint
     from liverkd.distill.models import create_model
-
-    from liverkd.core.spec import PreprocessSpec
 
     header = f"ONNX Runtime {ort.__version__} CPU, {cpu_model()}, {os.cpu_count()} threads, median of {args.runs}"
     rows = []
@@ -105,18 +85,23 @@ def main(argv=None) -> int:
                 files["int8 (ORT x86 layout)"] = tmp / "int8-cpu.onnx"
                 to_fp16(fp32, tmp / "fp16.onnx")
                 files["fp16 file"] = tmp / "fp16.onnx"
-                base = None
-                for name, path in files.items():
-                    ms = median_ms(path, x, args.runs)
-                    base = base or ms
-                    rows.append((preset, f"{size}^3", name, ms, ms / base))
-                    print(f"{preset:13s} {size:4d}^3  {name:32s} {ms:9.1f} ms  x{ms / base:.2f} vs fp32", flush=True)
+                runners = {name: OnnxRuntimeRunner(ModelFile.of(path)) for name, path in files.items()}
+                runs = run(runners, [x], rounds=args.runs)
+                base = runs["fp32"].median_ms
+                for name, result in runs.items():
+                    ms, agree = result.median_ms, compare(runs["fp32"].outputs, result.outputs).argmax_agreement
+                    rows.append((preset, f"{size}^3", name, ms, ms / base, agree))
+                    print(
+                        f"{preset:13s} {size:4d}^3  {name:32s} {ms:9.1f} ms  x{ms / base:.2f} vs fp32, "
+                        f"argmax agreement {agree:.2%}",
+                        flush=True,
+                    )
     lines = [
         f"# ONNX Runtime CPU: INT8 / fp16 vs fp32\n\n{header}\n",
-        "| model | input | file | median ms | vs fp32 |",
-        "|---|---|---|---:|---:|",
+        "| model | input | file | median ms | vs fp32 | argmax agreement vs fp32 |",
+        "|---|---|---|---:|---:|---:|",
     ]
-    lines += [f"| {p} | {s} | {n} | {ms:.1f} | {r:.2f}x |" for p, s, n, ms, r in rows]
+    lines += [f"| {p} | {s} | {n} | {ms:.1f} | {r:.2f}x | {a:.2%} |" for p, s, n, ms, r, a in rows]
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     if args.out:

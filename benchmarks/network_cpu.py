@@ -33,7 +33,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -95,19 +94,19 @@ def peak_gflops(n: int = 4096, repeats: int = 5) -> float:
 def build_bundles(preset: str, size: int, folder: Path, n_calib: int = 4) -> dict:
     """Random-init checkpoint -> fp32 and int8 ONNX Runtime bundles via deploy.build.build_engine."""
     import torch
+
+    from liverkd.core.spec import PreprocessSpec
+    from liverkd.core.synth import write_dataset
     from liverkd.deploy.build import build_engine
     from liverkd.distill.checkpoint import save_checkpoint
     from liverkd.distill.models import create_model
-
-    from liverkd.core.spec import PreprocessSpec
-    from liverkd.core.synth.phantom import write_dataset
 
     torch.manual_seed(0)
     spec = PreprocessSpec(spacing=(384 / size,) * 3, input_shape=(size,) * 3)
     ckpt = save_checkpoint(folder / f"{preset}.pt", create_model(preset).eval(), spec, preset=preset)
     calib = folder / "calib"
     if not calib.is_dir():
-        write_dataset(calib, n_calib, seed=0, shape=(size,) * 3, progress=False)
+        write_dataset(calib, n_calib, seed=0, shape=(size,) * 3)
     quiet = lambda _msg: None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -121,6 +120,7 @@ def build_bundles(preset: str, size: int, folder: Path, n_calib: int = 4) -> dic
 
 def torch_eager(checkpoint, threads: int) -> Callable[[np.ndarray], np.ndarray]:
     import torch
+
     from liverkd.distill.checkpoint import model_from_checkpoint
 
     torch.set_num_threads(threads)
@@ -133,17 +133,18 @@ def torch_eager(checkpoint, threads: int) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
-def ort_runner(bundle, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+def ort_runner(bundle, threads: int):
+    """deploy's OnnxRuntimeRunner on the file the bundle names for ONNX Runtime."""
     from liverkd.deploy.backends.onnxruntime import OnnxRuntimeRunner
 
-    return OnnxRuntimeRunner(threads=threads).load(bundle).infer
+    return OnnxRuntimeRunner.from_bundle(bundle, threads=threads)
 
 
-def ov_runner(bundle, threads: int, inference_precision: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
+def ov_runner(bundle, threads: int, inference_precision: str | None = None):
     """OpenVINO CPU: an fp32 bundle runs in f32, "bf16" asks for bf16 (see OpenVINORunner)."""
     from liverkd.deploy.backends.openvino import OpenVINORunner
 
-    return OpenVINORunner(threads=threads, inference_precision=inference_precision).load(bundle).infer
+    return OpenVINORunner.from_bundle(bundle, threads=threads, inference_precision=inference_precision)
 
 
 def bf16_capable() -> bool:
@@ -157,22 +158,6 @@ def openvino_available() -> tuple[bool, str]:
     except ImportError:
         return False, "OpenVINO not installed (pip install -e '.[openvino]'): skipped"
     return True, ""
-
-
-def time_interleaved(fns: dict[str, Callable], x: np.ndarray, runs: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per call; one call of each function per round, `warmup` untimed rounds first."""
-    times = {k: [] for k in fns}
-    for r in range(warmup + runs):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn(x)
-            if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def max_logit_error(a: np.ndarray, reference: np.ndarray) -> float:
-    return float(np.abs(a.astype(np.float32) - reference).max())
 
 
 # ---------------------------------------------------------------- the ONNX Runtime sweep
@@ -230,10 +215,12 @@ def ort_session(path: Path, level="all", intra=1, inter=1, parallel=False, arena
 
 
 def main(argv=None) -> int:
-    from liverkd.deploy.calibrate import phantom_input
-    from liverkd.deploy.device_info import describe, device_facts
     from rich.console import Console
     from rich.table import Table
+
+    from liverkd.deploy.calibrate import phantom_input
+    from liverkd.deploy.compare import compare, run
+    from liverkd.deploy.device_info import describe, device_facts
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=15, help="timed rounds (default 15)")
@@ -278,12 +265,12 @@ def main(argv=None) -> int:
                 if bf16_capable():
                     fns["OpenVINO bf16"] = ov_runner(b["fp32"], args.threads, "bf16")
                 fns["OpenVINO int8 (Q/DQ)"] = ov_runner(b["int8"], args.threads)
-            reference = fns["PyTorch eager fp32"](x)
-            errors = {name: max_logit_error(fn(x), reference) for name, fn in fns.items()}
             console.print(f"timing {preset}: {', '.join(fns)} ...")
-            results.append(
-                (preset, conv_gflops(b["fp32"].file("onnx")), time_interleaved(fns, x, args.runs, args.warmup), errors)
-            )
+            runs = run(fns, [x], rounds=args.runs, warmup=args.warmup)
+            reference = runs["PyTorch eager fp32"].outputs
+            errors = {name: compare(reference, r.outputs).max_abs_error for name, r in runs.items()}
+            times = {name: [ms / 1e3 for ms in r.ms] for name, r in runs.items()}
+            results.append((preset, conv_gflops(b["fp32"].file("onnx")), times, errors))
             if args.tune and preset == args.presets[0]:
                 tune_input = (preset, b, x)
         peak_end = peak_gflops()
@@ -313,10 +300,12 @@ def main(argv=None) -> int:
 def tune(console, preset, bundles, x, floor_ms, args) -> None:
     from rich.table import Table
 
+    from liverkd.deploy.compare import run
+
     configs = sweep_configs(bundles["fp32"].file("onnx"), bundles["int8"].file("onnx_int8"), args.threads)
     fns = {name: ort_session(path, **settings) for name, (path, settings) in configs.items()}
     console.print(f"ONNX Runtime sweep for {preset}: {len(fns)} settings, {args.runs} interleaved rounds ...")
-    times = time_interleaved(fns, x, args.runs, args.warmup)
+    times = {name: [ms / 1e3 for ms in r.ms] for name, r in run(fns, [x], rounds=args.runs, warmup=args.warmup).items()}
     base = float(np.median(times[next(iter(times))]))
     table = Table(title=f"ONNX Runtime settings, {preset} at {args.size}^3, {args.threads} cores", title_justify="left")
     for col in ("setting", "median ms", "min ms", "vs ORT defaults", "x floor"):

@@ -8,23 +8,33 @@ from __future__ import annotations
 
 import os
 import shutil
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from liverkd.deploy import calibrate as C
-from liverkd.deploy.backends.base import RunnerError, open_runner
-from liverkd.deploy.bundle import Bundle
-from liverkd.deploy.fp16 import to_fp16
 
 from liverkd.core.atomic import fsync_dir, sha256_file
+from liverkd.core.errors import LiverkdError
 from liverkd.core.spec import PreprocessSpec
+from liverkd.deploy import calibrate as C
+from liverkd.deploy.backends.base import RunnerError, open_runner
+from liverkd.deploy.bundle import (
+    PRECISIONS,
+    AccuracyCheck,
+    Bundle,
+    BundleError,
+    Calibration,
+    EngineMeta,
+    FileRecord,
+    Source,
+    SpeedCheck,
+    TensorInfo,
+)
+from liverkd.deploy.compare import compare, run
+from liverkd.deploy.fp16 import to_fp16
 
-PRECISIONS = ("fp32", "fp16", "int8")
 BUILD_BACKENDS = ("auto", "tensorrt", "onnxruntime")
 GATE_PHANTOM_SEEDS = (9001, 9002)
 """Phantoms for the accuracy gate when no calibration volume is held out (never used to calibrate)."""
@@ -35,7 +45,7 @@ SLOWER_THAN_FP32 = 1.10
 """Warn when the built model's median latency exceeds fp32's by more than this factor."""
 
 
-class BuildError(ValueError):
+class BuildError(LiverkdError, ValueError):
     """The bundle cannot be built. str() is one line naming the file or option."""
 
 
@@ -118,6 +128,7 @@ def build_engine(
 def _build_into(
     tmp, out, source, precision, backend, calib_files, calib_data, calib_method, workspace_mib, min_agreement, log
 ) -> None:
+    """Every file into `tmp`, then the accuracy gate, then engine.json: written last, only when the gate passed."""
     files = {"onnx": "model.onnx"}
     if source.suffix == ".onnx":
         spec, src = _take_onnx(source, tmp / "model.onnx")
@@ -129,8 +140,8 @@ def _build_into(
         shutil.copyfile(source, tmp / "model.pt")
         files["checkpoint"] = "model.pt"
         spec = result.spec
-        src = {"checkpoint": source.name, "sha256": result.source_sha256, "preset": result.preset}
-    io = _io_of(tmp / "model.onnx")
+        src = Source(checkpoint=source.name, sha256=result.source_sha256, preset=result.preset)
+    model_input, model_output = _io_of(tmp / "model.onnx")
 
     calibration = None
     gate_files: list[Path] = []
@@ -140,11 +151,18 @@ def _build_into(
     elif precision == "int8":
         used, gate_files = C.split_held_out(calib_files)
         log(f"calibrating ({calib_method}) on {len(used)} volume(s) from {calib_data}; {len(gate_files)} held out")
-        calibration = C.calibrate(
+        entry = C.calibrate(
             tmp / "model.onnx", tmp / "model.int8.onnx", used, spec, calib_method, tmp / "calibration.json"
         )
-        C.write_data_loader(tmp / "calib_loader.py", used, spec, io["input"]["name"])
-        calibration.update(folder=str(calib_data), held_out=[f.name for f in gate_files])
+        C.write_data_loader(tmp / "calib_loader.py", used, spec, model_input.name)
+        calibration = Calibration(
+            method=entry["method"],
+            files=tuple(entry["files"]),
+            n=int(entry["n"]),
+            statistics=entry["statistics"],
+            folder=str(calib_data),
+            held_out=tuple(f.name for f in gate_files),
+        )
         files.update(onnx_int8="model.int8.onnx", calibration="calibration.json", data_loader="calib_loader.py")
 
     tensorrt = None
@@ -163,52 +181,50 @@ def _build_into(
             )
         except RunnerError as e:
             raise BuildError(str(e)) from None
-        tensorrt["onnx"] = plan_source
         files["plan"] = "model.plan"
 
-    meta = {
-        "name": out.name,
-        "spec": spec.to_dict(),
-        "precision": precision,
-        "backend": backend,
-        **io,
-        "files": files,
-        "source": src,
-        "calibration": calibration,
-        "tensorrt": tensorrt,
-        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "accuracy": None,
-    }
-    bundle = Bundle(tmp, meta)
-    bundle.save()
+    meta = EngineMeta(
+        name=out.name,
+        spec=spec,
+        precision=precision,
+        backend=backend,
+        input=model_input,
+        output=model_output,
+        files={role: FileRecord.of(tmp, name) for role, name in files.items()},
+        source=src,
+        calibration=calibration,
+        tensorrt=tensorrt,
+        built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
     gate_inputs, gate_names = _gate_inputs(gate_files, spec)
-    accuracy, speed = accuracy_gate(bundle, backend, gate_inputs, gate_names, min_agreement)
-    meta.update(accuracy=accuracy, speed=speed)
-    bundle.save()
+    accuracy, speed = accuracy_gate(Bundle(tmp, meta), backend, gate_inputs, gate_names, min_agreement)
     log(
-        f"accuracy gate: Dice vs fp32 min {accuracy['dice_min']:.4f} (mean {accuracy['dice_mean']:.4f}) on "
-        f"{len(gate_names)} volume(s), max |logit error| {accuracy['max_abs_logit_error']:.3g}"
+        f"accuracy gate: Dice vs fp32 min {accuracy.dice_min:.4f} (mean {accuracy.dice_mean:.4f}) on "
+        f"{len(gate_names)} volume(s), argmax agreement {accuracy.argmax_agreement:.4%}, "
+        f"max |logit error| {accuracy.max_abs_logit_error:.3g}"
     )
     if precision != "fp32" or backend != "onnxruntime":
         log(
-            f"speed: {precision} {speed['built_ms']:.1f} ms vs fp32 {speed['fp32_ms']:.1f} ms per volume "
-            f"on {speed['device']} (median of {speed['runs']})"
+            f"speed: {precision} {speed.built_ms:.1f} ms vs fp32 {speed.fp32_ms:.1f} ms per volume "
+            f"on {speed.device} (median of {speed.runs})"
         )
-    if not accuracy["passed"]:
+    if not accuracy.passed:
         raise BuildError(
-            f"{out}: accuracy gate failed: Dice vs fp32 {accuracy['dice_min']:.4f} < --min-agreement "
+            f"{out}: accuracy gate failed: Dice vs fp32 {accuracy.dice_min:.4f} < --min-agreement "
             f"{min_agreement}; no bundle written"
         )
-    if precision != "fp32" and speed["ratio"] > SLOWER_THAN_FP32:
+    if precision != "fp32" and speed.ratio > SLOWER_THAN_FP32:
         log(
-            f"WARNING: {precision} on {speed['device']} measured {speed['ratio']:.1f}x slower than fp32 here "
-            f"({speed['built_ms']:.1f} vs {speed['fp32_ms']:.1f} ms); fp32 is the faster choice on this backend"
+            f"WARNING: {precision} on {speed.device} measured {speed.ratio:.1f}x slower than fp32 here "
+            f"({speed.built_ms:.1f} vs {speed.fp32_ms:.1f} ms); fp32 is the faster choice on this backend"
         )
+    Bundle(tmp, meta.replace(accuracy=accuracy, speed=speed)).save()
 
 
-def _take_onnx(source: Path, dest: Path) -> tuple[PreprocessSpec, dict]:
+def _take_onnx(source: Path, dest: Path) -> tuple[PreprocessSpec, Source]:
     """An exported ONNX (liverkd export): its spec and source facts from the metadata."""
     import onnx
+
     from liverkd.deploy import export as E
 
     try:
@@ -220,27 +236,31 @@ def _take_onnx(source: Path, dest: Path) -> tuple[PreprocessSpec, dict]:
         raise BuildError(f"{source}: no PreprocessSpec in the ONNX metadata (export it with `liverkd export`)")
     spec = PreprocessSpec.from_json(props[E.META_SPEC])
     shutil.copyfile(source, dest)
-    src = {
-        "checkpoint": props.get(E.META_SOURCE) or None,
-        "sha256": props.get(E.META_SHA256) or None,
-        "preset": props.get(E.META_PRESET) or None,
-        "onnx": source.name,
-        "onnx_sha256": sha256_file(source),
-    }
+    src = Source(
+        checkpoint=props.get(E.META_SOURCE) or None,
+        sha256=props.get(E.META_SHA256) or None,
+        preset=props.get(E.META_PRESET) or None,
+        onnx=source.name,
+        onnx_sha256=sha256_file(source),
+    )
     return spec, src
 
 
-def _io_of(onnx_path: Path) -> dict:
+def _io_of(onnx_path: Path) -> tuple[TensorInfo, TensorInfo]:
+    """The model's input and output as engine.json records them; a model not shaped (1, C, X, Y, Z) is refused."""
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
 
-    def describe(v):
+    def describe(v) -> TensorInfo:
         t = v.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
-        return {"name": v.name, "shape": dims, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name}
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim)
+        try:
+            return TensorInfo(v.name, dims, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name)
+        except ValueError as e:
+            raise BuildError(f"{onnx_path}: {v.name!r} {e}") from None
 
-    return {"input": describe(graph.input[0]), "output": describe(graph.output[0])}
+    return describe(graph.input[0]), describe(graph.output[0])
 
 
 def _plan_source(files: dict, precision: str) -> str:
@@ -260,61 +280,45 @@ def _gate_inputs(held_out: list[Path], spec: PreprocessSpec) -> tuple[list[np.nd
     return [C.phantom_input(spec, s) for s in GATE_PHANTOM_SEEDS], [f"phantom seed {s}" for s in GATE_PHANTOM_SEEDS]
 
 
-def accuracy_gate(bundle: Bundle, backend: str, inputs, names, min_agreement: float) -> tuple[dict, dict]:
-    """The built model against fp32 ONNX Runtime on held-out inputs: Dice of the liver masks, max
-    logit error, and the median latency of each (the speed warning's evidence)."""
-    from liverkd.core.metrics import dice
-
+def accuracy_gate(bundle: Bundle, backend: str, inputs, names, min_agreement: float):
+    """(AccuracyCheck, SpeedCheck): the built model against the fp32 model.onnx on ONNX Runtime CPU,
+    on held-out inputs (deploy.compare): Dice of the liver masks, argmax agreement, max logit error,
+    and the median latency of each (the speed warning's evidence), timed interleaved."""
     liver = int(bundle.spec.labels.get("liver", 1))
-    reference = Bundle(bundle.path, {**bundle.meta, "precision": "fp32"})
     same_model = bundle.precision == "fp32" and backend == "onnxruntime"  # the reference itself: run it once
     try:
-        with open_runner(reference, "onnxruntime") as ref:
-            ref_out, ref_ms = _run_all(ref, inputs)
-            device = f"{ref.name} on {ref.device}"
-        if same_model:
-            got_out, got_ms = ref_out, ref_ms
-        else:
-            with open_runner(bundle, backend) as built:
-                got_out, got_ms = _run_all(built, inputs)
-                device = f"{built.name} on {built.device}"
-    except RunnerError as e:
+        with open_runner(bundle, "onnxruntime", precision="fp32") as reference:
+            if same_model:
+                runs = run({"fp32": reference}, inputs, rounds=TIMED_RUNS)
+                runs["built"], built_name = runs["fp32"], reference.describe()
+            else:
+                with open_runner(bundle, backend) as built:
+                    runs = run({"fp32": reference, "built": built}, inputs, rounds=TIMED_RUNS)
+                    built_name = built.describe()
+    except (RunnerError, BundleError) as e:
         raise BuildError(f"{bundle.path}: accuracy gate could not run the built model ({e})") from None
-    pairs = list(zip(ref_out, got_out, strict=True))
-    dices = [dice(r.argmax(1) == liver, g.argmax(1) == liver) for r, g in pairs]
-    max_err = max(float(np.abs(r - g.astype(np.float32)).max()) for r, g in pairs)
-    accuracy = {
-        "reference": "model.onnx (fp32) on onnxruntime cpu",
-        "volumes": list(names),
-        "dice": [round(d, 6) for d in dices],
-        "dice_min": min(dices),
-        "dice_mean": float(np.mean(dices)),
-        "max_abs_logit_error": max_err,
-        "min_agreement": min_agreement,
-        "passed": min(dices) >= min_agreement,
-    }
-    speed = {
-        "device": device,
-        "fp32_ms": ref_ms,
-        "built_ms": got_ms,
-        "ratio": got_ms / ref_ms if ref_ms > 0 else float("nan"),
-        "runs": max(TIMED_RUNS, len(inputs)),
-    }
+    agreement = compare(runs["fp32"].outputs, runs["built"].outputs, liver)
+    accuracy = AccuracyCheck(
+        reference="model.onnx (fp32) on onnxruntime cpu",
+        runner=built_name,
+        volumes=tuple(names),
+        dice=tuple(round(d, 6) for d in agreement.dice),
+        dice_min=agreement.dice_min,
+        dice_mean=agreement.dice_mean,
+        argmax_agreement=agreement.argmax_agreement,
+        max_abs_logit_error=agreement.max_abs_error,
+        min_agreement=min_agreement,
+        passed=agreement.dice_min >= min_agreement,
+    )
+    fp32_ms, built_ms = runs["fp32"].median_ms, runs["built"].median_ms
+    speed = SpeedCheck(
+        device=built_name,
+        fp32_ms=fp32_ms,
+        built_ms=built_ms,
+        ratio=built_ms / fp32_ms if fp32_ms > 0 else float("nan"),
+        runs=len(runs["built"].ms),
+    )
     return accuracy, speed
-
-
-def _run_all(runner, inputs) -> tuple[list[np.ndarray], float]:
-    """Outputs for every input, and the median ms of the timed runs (after one warm-up)."""
-    runner.infer(inputs[0])
-    outputs, times = [], []
-    for i in range(max(TIMED_RUNS, len(inputs))):
-        x = inputs[i % len(inputs)]
-        t0 = time.perf_counter()
-        y = runner.infer(x)
-        times.append((time.perf_counter() - t0) * 1e3)
-        if i < len(inputs):
-            outputs.append(y)
-    return outputs, statistics.median(times)
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

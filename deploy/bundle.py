@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from liverkd.core.atomic import sha256_file, write_json
+from liverkd.core.errors import LiverkdError
 from liverkd.core.spec import PreprocessSpec
 
 FORMAT = "liverkd-engine"
@@ -35,9 +36,10 @@ PRECISIONS = ("fp32", "fp16", "int8")
 ONNX_ROLE = {"fp32": "onnx", "fp16": "onnx_fp16", "int8": "onnx_int8"}
 """The ONNX file that serves each precision on ONNX Runtime and OpenVINO."""
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_MISSING = object()
 
 
-class BundleError(ValueError):
+class BundleError(LiverkdError, ValueError):
     """A bundle that cannot be used. str() is one line naming the folder or file."""
 
 
@@ -109,7 +111,9 @@ class TensorInfo:
     def __post_init__(self):
         if len(self.shape) != 5:
             raise ValueError(f"shape {list(self.shape)} must have 5 axes (1, channels, X, Y, Z)")
-        if any(isinstance(d, int) and d <= 0 for d in self.shape) or not all(isinstance(d, int) for d in self.shape[:2]):
+        if any(isinstance(d, int) and d <= 0 for d in self.shape) or not all(
+            isinstance(d, int) for d in self.shape[:2]
+        ):
             raise ValueError(f"shape {list(self.shape)}: sizes must be positive, batch and channels fixed")
 
 
@@ -225,23 +229,16 @@ class EngineMeta:
             )
         if version > FORMAT_VERSION:
             raise BundleError(f"{where}: format_version {version} is newer than this liverkd reads ({FORMAT_VERSION})")
-        hints = typing.get_type_hints(cls)
-        unknown = sorted(set(data) - set(hints))
-        if unknown:
-            raise BundleError(f"{where}: unknown keys {unknown}")
-        values = {}
-        for f in dataclasses.fields(cls):
-            try:
-                if f.name in data:
-                    values[f.name] = _from_json(hints[f.name], data[f.name], f.name)
-                elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                    raise KeyError(f.name)
-            except (KeyError, TypeError, ValueError) as e:
-                raise BundleError(f"{where}: invalid {f.name} ({type(e).__name__}: {e})") from None
+        section, values = None, {}
         try:
+            for name, hint, value, path in _fields(cls, data, ""):
+                section = name
+                values[name] = _from_json(hint, value, path)
+            section = None
             return cls(**values)
         except (KeyError, TypeError, ValueError) as e:
-            raise BundleError(f"{where}: inconsistent ({type(e).__name__}: {e})") from None
+            what = f"invalid {section}" if section else "invalid"
+            raise BundleError(f"{where}: {what} ({type(e).__name__}: {e})") from None
 
 
 def _to_json(value):
@@ -256,34 +253,41 @@ def _to_json(value):
     return value
 
 
+def _fields(tp, value: dict, where: str):
+    """(name, type, JSON value, path) of every field of dataclass `tp` that `value` holds or must hold
+    (a required one it lacks comes as _MISSING); ValueError for a key `tp` does not have."""
+    hints = typing.get_type_hints(tp)
+    unknown = sorted(set(value) - set(hints))
+    if unknown:
+        raise ValueError(f"{where or 'engine.json'}: unknown keys {unknown}")
+    for f in dataclasses.fields(tp):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.name in value or required:
+            yield f.name, hints[f.name], value.get(f.name, _MISSING), f"{where}.{f.name}" if where else f.name
+
+
 def _from_json(tp, value, where: str):
     """JSON `value` as type `tp`: a dataclass, tuple[X, ...], dict[str, X], X | None, str, int, float, bool."""
+    if value is _MISSING:
+        raise KeyError(where)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if (dataclasses.is_dataclass(tp) or origin is dict) and not isinstance(value, dict):
+        raise TypeError(f"{where}: expected an object, got {type(value).__name__}")
     if tp is PreprocessSpec:
-        if not isinstance(value, dict):
-            raise TypeError(f"{where}: expected an object, got {type(value).__name__}")
         return PreprocessSpec.from_dict(value)
     if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise TypeError(f"{where}: expected an object, got {type(value).__name__}")
-        hints = typing.get_type_hints(tp)
-        unknown = sorted(set(value) - set(hints))
-        if unknown:
-            raise ValueError(f"{where}: unknown keys {unknown}")
-        kwargs = {}
-        for f in dataclasses.fields(tp):
-            if f.name in value:
-                kwargs[f.name] = _from_json(hints[f.name], value[f.name], f"{where}.{f.name}")
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise KeyError(f"{where}.{f.name}")
+        kwargs = {name: _from_json(hint, v, path) for name, hint, v, path in _fields(tp, value, where)}
         try:
             return tp(**kwargs)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+        options = [a for a in args if a is not type(None)]
+        if value is None and len(options) < len(args):
             return None
-        for option in (a for a in args if a is not type(None)):
+        if len(options) == 1:  # X | None: X's own error says what is wrong
+            return _from_json(options[0], value, where)
+        for option in options:
             try:
                 return _from_json(option, value, where)
             except (TypeError, ValueError):
@@ -294,8 +298,6 @@ def _from_json(tp, value, where: str):
             raise TypeError(f"{where}: expected a list, got {type(value).__name__}")
         return tuple(_from_json(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is dict:
-        if not isinstance(value, dict):
-            raise TypeError(f"{where}: expected an object, got {type(value).__name__}")
         return {k: _from_json(args[1], v, f"{where}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -384,14 +386,16 @@ class Bundle:
         return bundle
 
     def check_paths(self) -> None:
-        """Every recorded file exists inside the bundle folder (a symlink may not lead out of it)."""
+        """Every recorded file lies inside the bundle folder (a symlink may not lead out of it), and
+        model.onnx is there. Another file may be left out of a copy (model.pt of a packaged model):
+        it is refused when it is needed, as a changed one is."""
         root = self.path.resolve()
         for role, record in self.meta.files.items():
             target = (self.path / record.path).resolve()
             if not target.is_relative_to(root):
                 raise BundleError(f"{self.path / 'engine.json'}: files.{role} {record.path!r} leads out of the bundle")
-            if not target.is_file():
-                raise BundleError(f"{self.path}: {record.path} named in engine.json is missing")
+        if not (self.path / self.meta.files["onnx"].path).is_file():
+            raise BundleError(f"{self.path}: {self.meta.files['onnx'].path} named in engine.json is missing")
 
     def save(self) -> Path:
         return write_json(self.path / "engine.json", self.meta.to_json())

@@ -2,8 +2,12 @@
 
 The Q/DQ file is what TensorRT >= 10 builds INT8 from (strongly typed networks; the implicit
 calibrators are deprecated and gone in TensorRT 11) and what ONNX Runtime runs as INT8.
-Settings follow TensorRT's needs: symmetric INT8 activations and weights (zero point 0),
-per-channel weights, biases left in float (TensorRT refuses INT32 DequantizeLinear), opset 17.
+Laid out as TensorRT's explicit quantization wants it (tests/test_qdq_layout.py walks it):
+Q/DQ on the inputs of Conv and ConvTranspose only (activation and weight), none on their
+outputs, so the logits stay float; symmetric INT8 (zero point 0); weights as float initialisers
+through Q -> DQ, per channel on axis 0 (Conv: output channels; ConvTranspose: axis 0, the one
+TensorRT's deconvolution takes); biases in float (TensorRT refuses INT32 DequantizeLinear); opset 17.
+Statistics are collected volume by volume, so memory does not grow with the calibration set.
 """
 
 from __future__ import annotations
@@ -42,8 +46,8 @@ def network_input(vol: V.Volume, spec: PreprocessSpec) -> np.ndarray:
 
 
 def phantom_input(spec: PreprocessSpec, seed: int) -> np.ndarray:
-    """A synthetic CT (liverkd.core.synth.phantom) at the network's input shape, preprocessed as inference does."""
-    from liverkd.core.synth.phantom import synth_case
+    """A synthetic CT (liverkd.core.synth) at the network's input shape, preprocessed as inference does."""
+    from liverkd.core.synth import synth_case
 
     image, _label = synth_case(seed, shape=tuple(spec.input_shape))
     return network_input(image, spec)
@@ -120,6 +124,7 @@ def qdq_options(model) -> dict:
         "ActivationSymmetric": True,  # TensorRT: symmetric int8, zero point 0
         "WeightSymmetric": True,
         "QuantizeBias": False,  # biases stay float (TensorRT refuses INT32 DequantizeLinear)
+        "QDQDisableWeightAdjustForInt32Bias": True,  # so no weight scale is bent for an int32 bias
         "AddQDQPairToWeight": True,  # float weight -> Q -> DQ (TensorRT <= 8.4 refuses int8 weight -> DQ)
         "OpTypesToExcludeOutputQuantization": WEIGHTED_OPS,  # no requantized outputs; the logits stay float
         "DedicatedQDQPair": True,  # TensorRT: one Q/DQ pair per consumer
@@ -168,17 +173,16 @@ def quantize_int8(onnx_in, onnx_out, inputs: Iterable[np.ndarray], method: str, 
             raise CalibrationError("no calibration inputs")
         ranges = calibrator.compute_data()
         del calibrator
-        write_ranges(ranges, stats_out)
         # quantize_static(calibration_cache_path=...) appeared in ORT 1.27; its quantizer is this one.
         quantizer = QDQQuantizer(
             model, True, False, QuantType.QInt8, QuantType.QInt8, ranges, [], [], WEIGHTED_OPS, qdq_options(model)
         )
-        quantized = quantizer.quantize_model()
-    opset = {o.domain or "ai.onnx": o.version for o in quantized.opset_import}
+        opset = {o.domain or "ai.onnx": o.version for o in quantizer.quantize_model().opset_import}
     if opset.get("ai.onnx") != 17:
         raise CalibrationError(f"{onnx_out}: quantized model has opsets {opset}, expected ai.onnx 17")
     with atomic_path(onnx_out, suffix=".onnx") as tmp:
-        onnx.save(quantized, str(tmp))
+        quantizer.model.save_model_to_file(str(tmp))  # sorts the nodes topologically, as parsers need
+    write_ranges(ranges, stats_out)
 
 
 def write_ranges(ranges, path) -> Path:
@@ -203,7 +207,7 @@ def _cache_json(obj):
 
 @contextlib.contextmanager
 def _quiet():
-    """ONNX Runtime's calibrators print progress, and quantize_static logs pre-processing advice."""
+    """ONNX Runtime's calibrators print progress, and its quantizer logs pre-processing advice."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)

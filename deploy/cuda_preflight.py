@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
+_CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT = 16
 _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75
 _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76
 _LIBCUDA_NAMES = ("libcuda.so.1", "libcuda.so", "nvcuda.dll")
@@ -20,6 +21,7 @@ class CudaDevice:
     name: str
     compute_capability: str  # "9.0"
     driver_version: str  # "12.4"
+    sm_count: int = 0  # streaming multiprocessors (0: not read)
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ def _libcuda():
 
 
 def preflight() -> Preflight:
-    """cuInit + cuDeviceGetCount + name and compute capability of each device; never raises."""
+    """cuInit + cuDeviceGetCount + name, compute capability and SM count of each device; never raises."""
     lib = _libcuda()
     if lib is None:
         return Preflight(False, "no CUDA driver (libcuda.so.1 not found)")
@@ -68,7 +70,10 @@ def preflight() -> Preflight:
             major, minor = ctypes.c_int(0), ctypes.c_int(0)
             lib.cuDeviceGetAttribute(ctypes.byref(major), _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev)
             lib.cuDeviceGetAttribute(ctypes.byref(minor), _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev)
-            devices.append(CudaDevice(i, name.value.decode(errors="replace"), f"{major.value}.{minor.value}", driver))
+            sms = ctypes.c_int(0)
+            lib.cuDeviceGetAttribute(ctypes.byref(sms), _CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev)
+            label = name.value.decode(errors="replace")
+            devices.append(CudaDevice(i, label, f"{major.value}.{minor.value}", driver, sms.value))
         return Preflight(True, "", tuple(devices))
     except (AttributeError, OSError) as e:  # a libcuda without these symbols
         return Preflight(False, f"unusable CUDA driver library ({e})")

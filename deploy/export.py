@@ -13,11 +13,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from liverkd.deploy.calibrate import phantom_input
-
 from liverkd.core.atomic import atomic_path, sha256_file
+from liverkd.core.errors import LiverkdError
 from liverkd.core.spec import PreprocessSpec
+from liverkd.deploy.calibrate import phantom_input
 
 OPSET = 17
 INPUT_NAME = "input"
@@ -30,7 +29,7 @@ MIN_PARITY_AGREEMENT = 0.999
 PARITY_SEED = 1234
 
 
-class ExportError(ValueError):
+class ExportError(LiverkdError, ValueError):
     """Export failed. str() is one line naming the file and the problem."""
 
 
@@ -50,14 +49,16 @@ class ExportResult:
         )
 
 
-def load_torch_model(checkpoint):
-    """(model in eval mode, PreprocessSpec, checkpoint payload) from a liverkd checkpoint file."""
+def load_torch_model(checkpoint, data: bytes | None = None):
+    """(model in eval mode, PreprocessSpec, checkpoint payload) from a liverkd checkpoint file
+    (or from its bytes `data`, already checked against a bundle's engine.json). Unpickled with
+    weights_only=True: a checkpoint cannot run code (distill.checkpoint)."""
     from liverkd.distill.checkpoint import load_checkpoint, model_from_checkpoint
 
     path = Path(checkpoint)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise ExportError(f"{path}: no such checkpoint file")
-    payload = load_checkpoint(path)
+    payload = load_checkpoint(path, data)
     try:
         model, spec = model_from_checkpoint(payload)
     except (KeyError, RuntimeError, TypeError, ValueError) as e:
@@ -102,9 +103,7 @@ def export_onnx(checkpoint, out, *, dynamic: bool = False, min_agreement: float 
         tag(graph, spec, sha, payload.get("preset"), checkpoint.name)
         onnx.checker.check_model(graph)
         onnx.save(graph, str(tmp))
-        with torch.no_grad():
-            reference = model(x).numpy()
-        max_err, agreement = parity(tmp, x.numpy(), reference)
+        max_err, agreement = parity(tmp, model, x.numpy())
         if agreement < min_agreement:
             raise ExportError(
                 f"{out}: ONNX Runtime disagrees with PyTorch on {1 - agreement:.3%} of voxels "
@@ -133,14 +132,22 @@ def tag(model, spec: PreprocessSpec, sha256: str, preset: str | None, source: st
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **props})
 
 
-def parity(onnx_path, x: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
-    """(max |logit error|, argmax agreement) of ONNX Runtime CPU against `reference` logits."""
-    import onnxruntime as ort
+def parity(onnx_path, model, x) -> tuple[float, float]:
+    """(max |logit error|, argmax agreement) of the ONNX file on ONNX Runtime CPU against the torch `model`."""
+    import torch
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: x})[0]
-    if got.shape != reference.shape:
-        raise ExportError(f"{onnx_path}: ONNX output shape {got.shape} != PyTorch {reference.shape}")
-    max_err = float(np.abs(got - reference).max())
-    agreement = float((got.argmax(1) == reference.argmax(1)).mean())
-    return max_err, agreement
+    from liverkd.deploy.backends.onnxruntime import OnnxRuntimeRunner
+    from liverkd.deploy.bundle import ModelFile
+    from liverkd.deploy.compare import compare, run
+
+    def pytorch(array):
+        with torch.no_grad():
+            return model(torch.from_numpy(array)).numpy()
+
+    with OnnxRuntimeRunner(ModelFile.of(onnx_path)) as onnx_runtime:
+        runs = run({"pytorch": pytorch, "onnxruntime": onnx_runtime}, [x], warmup=0)
+    try:
+        agreement = compare(runs["pytorch"].outputs, runs["onnxruntime"].outputs)
+    except ValueError as e:
+        raise ExportError(f"{onnx_path}: ONNX Runtime against PyTorch: {e}") from None
+    return agreement.max_abs_error, agreement.argmax_agreement

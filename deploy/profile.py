@@ -92,8 +92,8 @@ def synthetic_shape(spec) -> tuple[tuple[int, int, int], tuple[float, float, flo
 
 
 def write_synthetic(folder, n: int, shape, spacing, on_volume: Callable[[], None] | None = None) -> list[Path]:
-    """`n` phantom CTs (liverkd.core.synth.phantom.synth_case, seeds 0..n-1) as NIfTI files in `folder`."""
-    from liverkd.core.synth.phantom import synth_case
+    """`n` phantom CTs (liverkd.core.synth.synth_case, seeds 0..n-1) as NIfTI files in `folder`."""
+    from liverkd.core.synth import synth_case
 
     if n < 1:
         raise ValueError(f"--synthetic needs at least 1 volume, got {n}")

@@ -10,20 +10,37 @@ from pathlib import Path
 
 import yaml
 
+from liverkd.core.errors import EXIT_USAGE, LiverkdError
 from liverkd.core.spec import PreprocessSpec
 from liverkd.distill.data import Augment
 from liverkd.distill.models import PRESETS
+from liverkd.distill.objectives import KDSettings
+
+RENAMED = {"gtan.widths": "gtan.n_widths"}
+"""Old key -> new key: an old config gets a one-line error naming the new key."""
 
 
-class ConfigError(ValueError):
-    """One line: '<file>: <problem>'."""
+class ConfigError(LiverkdError, ValueError):
+    """One line: '<file>: <problem>'. A usage error (exit 2): the config asks for something invalid."""
+
+    exit_code = EXIT_USAGE
 
 
 @dataclass(frozen=True)
 class Phantoms:
+    """Synthetic training data (liverkd.core.synth.write_dataset), written once per setting."""
+
     n: int = 12
     shape: tuple[int, int, int] = (64, 64, 64)
     seed: int = 0
+    spacing: float | None = None
+    """Voxel size in mm; None: 384 mm / shape per axis."""
+    labelmaps: str | None = None
+    """Folder of TotalSegmentator-style label-map subjects for the anatomy; None: procedural only."""
+    procedural_fraction: float = 0.0
+    """With label maps: the share of cases drawn from the procedural anatomy instead."""
+    scan_extent: bool = False
+    """Crop each case to a random scanned region, as real series are smaller than the input."""
 
 
 @dataclass(frozen=True)
@@ -45,15 +62,9 @@ class Models:
 
 
 @dataclass(frozen=True)
-class KD:
-    temperature: float = 4.0
-    alpha: float = 0.5
-
-
-@dataclass(frozen=True)
 class GTAN:
-    widths: int = 4
-    """Assistant widths in the growth schedule (after the student's own)."""
+    n_widths: int = 4
+    """How many assistant widths the growth schedule has (after the student's own)."""
     grow_until: float = 0.5
     """Fraction of training from which the assistant has its full width."""
     beta: float = 0.0
@@ -92,10 +103,13 @@ class Config:
     foreground: float = 2 / 3
     augment: Augment = field(default_factory=Augment)
     models: Models = field(default_factory=Models)
-    kd: KD = field(default_factory=KD)
+    kd: KDSettings = field(default_factory=KDSettings)
     gtan: GTAN = field(default_factory=GTAN)
     train: Train = field(default_factory=Train)
     ablation: Ablation = field(default_factory=Ablation)
+    method: str = "gtan"
+    """How `distill run` trains the student: gtan (teacher -> GTAN -> student), kd (teacher -> KD),
+    or nokd (no teacher: Dice + CE on the labels alone)."""
     source: str = "<config>"
 
 
@@ -105,8 +119,11 @@ def _build(cls, value, where: str):
         raise ValueError(f"'{where or 'top level'}' must be a mapping, got {type(value).__name__}")
     names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
     for key in value:
+        name = f"{where + '.' if where else ''}{key}"
+        if name in RENAMED:
+            raise ValueError(f"'{name}' is now '{RENAMED[name]}' (a count of assistant widths); rename it")
         if key not in names:
-            raise ValueError(f"unknown key '{where + '.' if where else ''}{key}'")
+            raise ValueError(f"unknown key '{name}'")
     kwargs = {k: _convert(hints[k], v, f"{where + '.' if where else ''}{k}") for k, v in value.items()}
     try:
         return cls(**kwargs)
@@ -158,7 +175,12 @@ def load_config(path) -> Config:
     return dataclasses.replace(cfg, source=str(path))
 
 
+RUN_METHODS = ("gtan", "kd", "nokd")
+
+
 def check(cfg: Config) -> None:
+    if cfg.method not in RUN_METHODS:
+        raise ValueError(f"unknown 'method' {cfg.method!r}; choose from {', '.join(RUN_METHODS)}")
     if (cfg.data.path is None) == (cfg.data.phantoms is None):
         raise ValueError("data needs exactly one of 'data.path' and 'data.phantoms'")
     for name in (cfg.models.teacher, cfg.models.assistant, cfg.models.student, *cfg.ablation.students):
@@ -179,5 +201,5 @@ def check(cfg: Config) -> None:
     steps = cfg.train.steps
     if min(steps.teacher, steps.assistant, steps.student, cfg.train.batch_size, cfg.train.val_every) < 1:
         raise ValueError("train steps, batch_size and val_every must be >= 1")
-
-
+    if cfg.gtan.n_widths < 1 or not 0 <= cfg.gtan.grow_until <= 1 or not 0 <= cfg.gtan.beta <= 1:
+        raise ValueError("'gtan' needs n_widths >= 1 and grow_until, beta in [0, 1]")

@@ -19,6 +19,7 @@ from liverkd.core.atomic import atomic_path
 from liverkd.core.datasets import load_case
 from liverkd.core.preprocess import prepare_pair
 from liverkd.core.spec import PreprocessSpec
+from liverkd.distill.losses import IGNORE
 
 
 @dataclass(frozen=True)
@@ -89,19 +90,33 @@ def rotation(angles_rad) -> np.ndarray:
 
 
 def extract_patch(image, label, center, patch, matrix) -> tuple[np.ndarray, np.ndarray]:
-    """Patch of `patch` voxels around `center`; input coord = center + matrix @ (o - mid)."""
+    """Patch of `patch` voxels around `center`; input coord = center + matrix @ (o - mid).
+
+    Voxels outside the volume read image 0 (as the sliding window pads) and label IGNORE
+    (int64): they are not easy background, and no loss counts them."""
     mid = (np.asarray(patch) - 1) / 2
     offset = np.asarray(center, dtype=np.float64) - matrix @ mid
     x = ndimage.affine_transform(image, matrix, offset, output_shape=patch, order=1, mode="constant", cval=0.0)
-    y = ndimage.affine_transform(label, matrix, offset, output_shape=patch, order=0, mode="constant", cval=0)
+    y = ndimage.affine_transform(
+        label, matrix, offset, output_shape=patch, order=0, mode="constant", cval=IGNORE, output=np.int64
+    )
     return x, y
 
 
 class PatchDataset(torch.utils.data.Dataset):
-    """Item i is a pure function of (seed, i): (image (1, *patch) float32, label (*patch) int64)."""
+    """Item i is a pure function of (seed, i): (image (1, *patch) float32, label (*patch) int64,
+    IGNORE outside the volume)."""
 
-    def __init__(self, volumes: list[Prepared], patch, *, foreground: float = 2 / 3, augment: Augment | None = None,
-                 seed: int = 0, length: int = 1 << 30):
+    def __init__(
+        self,
+        volumes: list[Prepared],
+        patch,
+        *,
+        foreground: float = 2 / 3,
+        augment: Augment | None = None,
+        seed: int = 0,
+        length: int = 1 << 30,
+    ):
         if not volumes:
             raise ValueError("no training volumes")
         self.volumes = volumes
@@ -133,13 +148,12 @@ class PatchDataset(torch.utils.data.Dataset):
         if aug is not None:
             x = x * (1 + rng.uniform(-aug.intensity, aug.intensity)) + rng.uniform(-aug.intensity, aug.intensity)
             x = x + rng.normal(0, aug.noise, x.shape).astype(np.float32) if aug.noise > 0 else x
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None], torch.from_numpy(y.astype(np.int64))
-
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None], torch.from_numpy(y)
 
 
 def phantom_volumes(n: int, shape=(32, 32, 32), seed: int = 0) -> tuple[list[Prepared], PreprocessSpec]:
     """n phantoms prepared in memory at their own spacing (tests and benchmarks)."""
-    from liverkd.core.synth.phantom import case_seed, synth_case
+    from liverkd.core.synth import case_seed, synth_case
 
     volumes, spec = [], None
     for i in range(n):

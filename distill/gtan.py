@@ -6,9 +6,9 @@ layer. Entry 0 is the student; entries 1..K are the assistant's widths, growing 
 above the student's to the full assistant. Each width has its own BatchNorm (switchable BN,
 Yu et al. 2019). When the assistant grows, the channels that become active enter with zero
 outgoing weights and the wider BN starts as a copy of the narrower one, so the network's
-function is unchanged at the moment of growth. In each step the assistant distils from the
-frozen teacher and the student slice distils from the assistant (and optionally the
-teacher). At the end `extract_student` copies the slice into a standalone UNet3D.
+function is unchanged at the moment of growth; `grow_adam_state` gives the newly active
+weights optimizer moments that match. At the end `extract` copies the student's slice into a
+standalone UNet3D. The training objective is distill/objectives.py `GTAN`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from liverkd.distill.losses import DistillLoss
 from liverkd.distill.models import UNet3D, UNetConfig
+
+Runs = list[tuple[int, int]]
+"""Channels as [start, stop) runs; a decoder conv reads two ([skip | upsampled])."""
 
 
 def width_schedule(student: tuple[int, ...], assistant: tuple[int, ...], n_widths: int) -> list[tuple[int, ...]]:
@@ -50,6 +52,23 @@ def _bn_set(widths: list[int]) -> nn.ModuleList:
     return nn.ModuleList(nn.BatchNorm3d(w) for w in widths)
 
 
+def _take(t: torch.Tensor, dim: int, runs: Runs) -> torch.Tensor:
+    parts = [t.narrow(dim, a, b - a) for a, b in runs]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def _dims(conv: nn.Module) -> tuple[int, int]:
+    """(output-channel dim, input-channel dim) of the layer's weight."""
+    return (1, 0) if isinstance(conv, nn.ConvTranspose3d) else (0, 1)
+
+
+def _mask(size: int, runs: Runs, device) -> torch.Tensor:
+    m = torch.zeros(size, dtype=torch.bool, device=device)
+    for a, b in runs:
+        m[a:b] = True
+    return m
+
+
 class SlimUNet3D(nn.Module):
     """UNet3D (same layers) at the assistant's widths, runnable at any schedule entry."""
 
@@ -62,6 +81,7 @@ class SlimUNet3D(nn.Module):
         w, n = assistant.widths, assistant.convs_per_level
         levels = range(len(w))
         per_level = [[s[i] for s in self.schedule] for i in levels]
+
         def cin(i, j):
             return w[i] if j else (assistant.in_channels if i == 0 else w[i - 1])
 
@@ -77,31 +97,62 @@ class SlimUNet3D(nn.Module):
         )
         self.dec_bn = nn.ModuleList(nn.ModuleList(_bn_set(per_level[i]) for _ in range(n)) for i in up_levels)
         self.head = nn.Conv3d(w[0], assistant.n_classes, 1)
+        nn.init.zeros_(self.head.bias)  # as UNet3D's head (distill/models.py)
 
     @property
     def up_levels(self) -> list[int]:
         return list(reversed(range(len(self.config.widths) - 1)))
 
-    # -- which weights a width uses; forward and extraction share these --------------------
+    # -- which channels a width uses; forward, growth and extraction share these ----------------
 
-    def down_weight(self, i: int, j: int, ws) -> torch.Tensor:
+    def down_io(self, i: int, j: int, ws) -> tuple[Runs, Runs]:
         cin = (self.config.in_channels if i == 0 else ws[i - 1]) if j == 0 else ws[i]
-        return self.down[i][j].weight[: ws[i], :cin]
+        return [(0, ws[i])], [(0, cin)]
 
-    def dec_weight(self, u: int, j: int, ws) -> torch.Tensor:
+    def dec_io(self, u: int, j: int, ws) -> tuple[Runs, Runs]:
         i = self.up_levels[u]
-        weight = self.dec[u][j].weight[: ws[i]]
-        if j:
-            return weight[:, : ws[i]]
-        full = self.config.widths[i]  # input = [skip channels | upsampled channels]
-        return torch.cat([weight[:, : ws[i]], weight[:, full : full + ws[i]]], dim=1)
+        full = self.config.widths[i]  # input of the first conv = [skip channels | upsampled channels]
+        return [(0, ws[i])], ([(0, ws[i]), (full, full + ws[i])] if j == 0 else [(0, ws[i])])
 
-    def up_params(self, u: int, ws) -> tuple[torch.Tensor, torch.Tensor]:
+    def up_io(self, u: int, ws) -> tuple[Runs, Runs]:
         i = self.up_levels[u]
-        return self.up[u].weight[: ws[i + 1], : ws[i]], self.up[u].bias[: ws[i]]
+        return [(0, ws[i])], [(0, ws[i + 1])]
 
-    def head_params(self, ws) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.head.weight[:, : ws[0]], self.head.bias
+    def head_io(self, ws) -> tuple[Runs, Runs]:
+        return [(0, self.config.n_classes)], [(0, ws[0])]
+
+    def layers(self):
+        """Every conv layer with its channel function ws -> (output runs, input runs), in
+        UNet3D's module order (down, up, dec, head)."""
+        n = range(self.config.convs_per_level)
+        for i, convs in enumerate(self.down):
+            yield from ((convs[j], lambda ws, i=i, j=j: self.down_io(i, j, ws)) for j in n)
+        for u, up in enumerate(self.up):
+            yield up, lambda ws, u=u: self.up_io(u, ws)
+        for u, convs in enumerate(self.dec):
+            yield from ((convs[j], lambda ws, u=u, j=j: self.dec_io(u, j, ws)) for j in n)
+        yield self.head, self.head_io
+
+    @staticmethod
+    def sliced(conv: nn.Module, io: tuple[Runs, Runs]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's weight and bias restricted to the channels `io` names."""
+        (runs_out, runs_in), (out_dim, in_dim) = io, _dims(conv)
+        weight = _take(_take(conv.weight, out_dim, runs_out), in_dim, runs_in)
+        return weight, None if conv.bias is None else _take(conv.bias, 0, runs_out)
+
+    def active(self, ws) -> dict[nn.Parameter, torch.Tensor]:
+        """Boolean mask per conv parameter: the entries width `ws` uses."""
+        masks = {}
+        for conv, io in self.layers():
+            (runs_out, runs_in), (out_dim, in_dim) = io(ws), _dims(conv)
+            out_shape, in_shape = [1] * conv.weight.ndim, [1] * conv.weight.ndim
+            out_shape[out_dim], in_shape[in_dim] = -1, -1
+            size, device = conv.weight.shape, conv.weight.device
+            out_mask, in_mask = _mask(size[out_dim], runs_out, device), _mask(size[in_dim], runs_in, device)
+            masks[conv.weight] = (out_mask.view(out_shape) & in_mask.view(in_shape)).expand_as(conv.weight)
+            if conv.bias is not None:
+                masks[conv.bias] = out_mask
+        return masks
 
     # -- forward -----------------------------------------------------------------------------
 
@@ -109,20 +160,28 @@ class SlimUNet3D(nn.Module):
         ws = self.schedule[k]
         skips = []
         for i in range(len(ws)):
-            for j in range(len(self.down[i])):
-                x = F.relu(self.down_bn[i][j][k](F.conv3d(x, self.down_weight(i, j, ws), padding=1)))
+            for j, conv in enumerate(self.down[i]):
+                weight, _ = self.sliced(conv, self.down_io(i, j, ws))
+                x = F.relu(self.down_bn[i][j][k](F.conv3d(x, weight, padding=1)))
             if i < len(ws) - 1:
                 skips.append(x)
                 x = F.max_pool3d(x, 2)
         for u in range(len(self.up)):
-            weight, bias = self.up_params(u, ws)
+            weight, bias = self.sliced(self.up[u], self.up_io(u, ws))
             x = torch.cat([skips.pop(), F.conv_transpose3d(x, weight, bias, stride=2)], dim=1)
-            for j in range(len(self.dec[u])):
-                x = F.relu(self.dec_bn[u][j][k](F.conv3d(x, self.dec_weight(u, j, ws), padding=1)))
-        weight, bias = self.head_params(ws)
+            for j, conv in enumerate(self.dec[u]):
+                weight, _ = self.sliced(conv, self.dec_io(u, j, ws))
+                x = F.relu(self.dec_bn[u][j][k](F.conv3d(x, weight, padding=1)))
+        weight, bias = self.sliced(self.head, self.head_io(ws))
         return F.conv3d(x, weight, bias)
 
     # -- growth --------------------------------------------------------------------------------
+
+    def bn_pairs(self, old: int, new: int):
+        """(BN of entry old, BN of entry new) for every normalised layer."""
+        for bn_sets in [*self.down_bn, *self.dec_bn]:
+            for bns in bn_sets:
+                yield bns[old], bns[new]
 
     @torch.no_grad()
     def grow(self, old: int, new: int) -> None:
@@ -130,23 +189,12 @@ class SlimUNet3D(nn.Module):
         zero every weight reading a channel active in `new` but not in `old`, and start the
         BNs of `new` as copies of those of `old` (fresh statistics for the new channels)."""
         a, b = self.schedule[old], self.schedule[new]
-        full = self.config.widths
-        for i in range(len(full)):
-            for j, conv in enumerate(self.down[i]):
-                if j:
-                    conv.weight[:, a[i] : b[i]] = 0
-                elif i:
-                    conv.weight[:, a[i - 1] : b[i - 1]] = 0
-        for u, i in enumerate(self.up_levels):
-            self.up[u].weight[a[i + 1] : b[i + 1]] = 0
-            for j, conv in enumerate(self.dec[u]):
-                conv.weight[:, a[i] : b[i]] = 0
-                if j == 0:
-                    conv.weight[:, full[i] + a[i] : full[i] + b[i]] = 0
-        self.head.weight[:, a[0] : b[0]] = 0
-        for bn_sets in [*self.down_bn, *self.dec_bn]:
-            for bns in bn_sets:
-                _copy_bn(bns[old], bns[new])
+        for conv, io in self.layers():
+            in_dim = _dims(conv)[1]
+            for (_, stop_a), (_, stop_b) in zip(io(a)[1], io(b)[1]):
+                conv.weight.narrow(in_dim, stop_a, stop_b - stop_a).zero_()
+        for src, dst in self.bn_pairs(old, new):
+            _copy_bn(src, dst)
 
 
 def _copy_bn(src: nn.BatchNorm3d, dst: nn.BatchNorm3d) -> None:
@@ -160,32 +208,60 @@ def _copy_bn(src: nn.BatchNorm3d, dst: nn.BatchNorm3d) -> None:
 
 
 @torch.no_grad()
+def grow_adam_state(optimizer: torch.optim.Optimizer, slim: SlimUNet3D, old: int, new: int) -> None:
+    """Adam/AdamW moments for the weights that growth from entry `old` to `new` makes active.
+
+    Adam keeps one step counter per TENSOR. Entries that were never active have zero moments
+    while the counter is at the tensor's step s, so their first update is
+    lr * (1 - b1) g / sqrt((1 - b2) g^2) / [(1 - b1^s) / sqrt(1 - b2^s)] -> 3.16 lr for large s
+    (b1 = 0.9, b2 = 0.999), and it rises to about 6 lr over the next ~20 steps while the
+    second moment fills: new weights jump just when the function-preserving growth should
+    leave the network as it was.
+
+    So, bias-correction-aware: a newly active entry keeps a first moment of 0 and gets as
+    second moment the mean stored second moment of the entries already active in the same
+    tensor. That stored value carries the same (1 - b2^s) factor the tensor's counter
+    corrects for, so after correction the new entry sees its layer's gradient scale: its
+    first update is about (1 - b1) = 0.1 lr and it reaches lr as its first moment fills (a
+    warm-up of the new weights). The BNs of `new` start as copies of those of `old`, and so do
+    their moments and counter (new channels: first moment 0, the mean second moment).
+    Parameters the optimizer has no state for yet start fresh, which Adam corrects itself."""
+    was, now = slim.active(slim.schedule[old]), slim.active(slim.schedule[new])
+    for p, mask in now.items():
+        state = optimizer.state.get(p)
+        if state and "exp_avg_sq" in state:
+            fresh = mask & ~was[p]
+            state["exp_avg"][fresh] = 0
+            state["exp_avg_sq"][fresh] = state["exp_avg_sq"][was[p]].mean()
+    for src_bn, dst_bn in slim.bn_pairs(old, new):
+        for src, dst in zip(src_bn.parameters(), dst_bn.parameters()):
+            state = optimizer.state.get(src)
+            if not state or "exp_avg_sq" not in state:
+                optimizer.state.pop(dst, None)
+                continue
+            exp_avg, exp_avg_sq = torch.zeros_like(dst), torch.full_like(dst, float(state["exp_avg_sq"].mean()))
+            exp_avg[: src.numel()], exp_avg_sq[: src.numel()] = state["exp_avg"], state["exp_avg_sq"]
+            optimizer.state[dst] = {"step": state["step"].clone(), "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+
+@torch.no_grad()
 def extract(slim: SlimUNet3D, k: int = 0) -> UNet3D:
     """Schedule entry k (default: the student) as a standalone UNet3D with copied weights."""
     ws = slim.schedule[k]
     cfg = slim.config
-    net = UNet3D(UNetConfig(widths=ws, in_channels=cfg.in_channels, n_classes=cfg.n_classes,
-                            convs_per_level=cfg.convs_per_level))
-
-    def load_block(block: nn.Sequential, weights, bns):
-        convs = [m for m in block if isinstance(m, nn.Conv3d)]
-        norms = [m for m in block if isinstance(m, nn.BatchNorm3d)]
-        for conv, norm, weight, bn in zip(convs, norms, weights, bns):
-            conv.weight.copy_(weight)
-            norm.load_state_dict(bn.state_dict())
-
-    for i, block in enumerate(net.down):
-        load_block(block, [slim.down_weight(i, j, ws) for j in range(len(slim.down[i]))],
-                   [slim.down_bn[i][j][k] for j in range(len(slim.down[i]))])
-    for u, (up, block) in enumerate(zip(net.up, net.dec)):
-        weight, bias = slim.up_params(u, ws)
-        up.weight.copy_(weight)
-        up.bias.copy_(bias)
-        load_block(block, [slim.dec_weight(u, j, ws) for j in range(len(slim.dec[u]))],
-                   [slim.dec_bn[u][j][k] for j in range(len(slim.dec[u]))])
-    weight, bias = slim.head_params(ws)
-    net.head.weight.copy_(weight)
-    net.head.bias.copy_(bias)
+    net = UNet3D(
+        UNetConfig(widths=ws, in_channels=cfg.in_channels, n_classes=cfg.n_classes, convs_per_level=cfg.convs_per_level)
+    )
+    # UNet3D's and SlimUNet3D's conv layers come in the same order; so do their BatchNorms
+    convs = [m for m in net.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
+    for target, (conv, io) in zip(convs, slim.layers(), strict=True):
+        weight, bias = slim.sliced(conv, io(ws))
+        target.weight.copy_(weight)
+        if bias is not None:
+            target.bias.copy_(bias)
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm3d)]
+    for target, (_, bn) in zip(norms, slim.bn_pairs(k, k), strict=True):
+        target.load_state_dict(bn.state_dict())
     return net.eval()
 
 
@@ -200,62 +276,3 @@ class AssistantAndStudent(nn.Module):
 
     def forward(self, x):
         return {"assistant": self.slim(x, self.assistant_k), "student": self.slim(x, 0)}
-
-
-class GTANObjective:
-    """Loss = KD(assistant <- teacher) + KD(student <- [(1-beta) assistant, beta teacher]).
-
-    The assistant's logits are detached as the student's target (in-place distillation,
-    Yu & Huang 2019), so the student does not pull the assistant towards itself."""
-
-    stage = "gtan"
-    find_unused_parameters = True  # BNs of inactive widths get no gradient
-
-    def __init__(self, teacher: nn.Module, student: UNetConfig, assistant: UNetConfig, *, n_widths: int = 4,
-                 grow_until: float = 0.5, beta: float = 0.0, alpha: float = 0.5, temperature: float = 4.0):
-        if not 0 <= beta <= 1:
-            raise ValueError(f"gtan beta must be in [0, 1], got {beta}")
-        if not 0 <= grow_until <= 1:
-            raise ValueError(f"gtan grow_until must be in [0, 1], got {grow_until}")
-        if (student.in_channels, student.n_classes, student.convs_per_level) != (
-            assistant.in_channels, assistant.n_classes, assistant.convs_per_level):
-            raise ValueError("student and assistant must differ only in their widths")
-        self.teacher = teacher.eval().requires_grad_(False)
-        self.slim = SlimUNet3D(assistant, width_schedule(student.widths, assistant.widths, n_widths))
-        self.module = AssistantAndStudent(self.slim)
-        self.n_widths = n_widths
-        self.grow_until = grow_until
-        self.beta = beta
-        self.loss_fn = DistillLoss(alpha, temperature)
-
-    def to(self, device):
-        self.teacher.to(device)
-        return self
-
-    def before_step(self, step: int, steps: int) -> str | None:
-        k = assistant_index(step, steps, self.n_widths, self.grow_until)
-        old = self.module.assistant_k
-        if k == old:
-            return None
-        for a in range(old, k):
-            self.slim.grow(a, a + 1)
-        self.module.assistant_k = k
-        return f"assistant grows to widths {self.slim.schedule[k]}"
-
-    def set_step(self, step: int, steps: int) -> None:
-        """After a resume at `step`: the loaded weights hold the growth of the steps already
-        taken (0..step-1); a growth due at `step` itself still happens in before_step."""
-        self.module.assistant_k = assistant_index(max(step - 1, 0), steps, self.n_widths, self.grow_until)
-
-    def loss(self, outputs, x, y):
-        with torch.no_grad():
-            t = self.teacher(x)
-        a = outputs["assistant"]
-        loss_a, parts_a = self.loss_fn(a, y, t)
-        loss_s, parts_s = self.loss_fn(outputs["student"], y, [(1 - self.beta, a.detach()), (self.beta, t)])
-        parts = {"assistant_kd": parts_a["kd"], "student_task": parts_s["task"], "student_kd": parts_s["kd"],
-                 "assistant_k": self.module.assistant_k}
-        return loss_a + loss_s, parts
-
-    def eval_model(self) -> UNet3D:
-        return extract(self.slim, 0)

@@ -62,6 +62,11 @@ class UNet3D(nn.Module):
         self.up = nn.ModuleList(nn.ConvTranspose3d(w[i + 1], w[i], 2, stride=2) for i in reversed(range(len(w) - 1)))
         self.dec = nn.ModuleList(conv_block(2 * w[i], w[i], n) for i in reversed(range(len(w) - 1)))
         self.head = nn.Conv3d(w[0], config.n_classes, 1)
+        # Zero, not PyTorch's uniform(+-1/sqrt(fan_in)) (+-0.7 per class at the 30k student's 2
+        # channels) nor the class prior (RetinaNet's init, Lin et al. 2017): a random bias leaves
+        # the sign of the starting liver margin to chance, and the prior starts at the empty mask
+        # that KD collapsed into. At zero no class is favoured; the losses decide (docs/method.md).
+        nn.init.zeros_(self.head.bias)
 
     @property
     def divisor(self) -> int:

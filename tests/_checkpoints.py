@@ -10,10 +10,14 @@ SPEC = PreprocessSpec(spacing=(12.0, 12.0, 12.0), input_shape=(32, 32, 32))
 def make_checkpoint(path, preset="student-30k", seed=0, spec=SPEC):
     """A random-init student with non-trivial BatchNorm statistics (so folding them is tested).
 
-    Its answer is nearly constant (random tiny networks mostly are): fine for shapes, parity and
-    plumbing, useless for telling precisions apart. threshold_checkpoint is for that.
+    BatchNorm shifts are positive, so no ReLU layer of the narrow top level dies on a phantom
+    (then the logits would be the head's bias alone, the same in every voxel), and the head's
+    bias is set here, whatever distill.models initialises it to. Its answer is still nearly
+    constant (random tiny networks mostly are): fine for shapes, parity and plumbing, useless
+    for telling precisions apart. threshold_checkpoint is for that.
     """
     import torch
+
     from liverkd.distill.checkpoint import save_checkpoint
     from liverkd.distill.models import create_model
 
@@ -25,7 +29,8 @@ def make_checkpoint(path, preset="student-30k", seed=0, spec=SPEC):
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.1, 0.1)
+                m.bias.uniform_(0.05, 0.2)
+        model.head.bias.uniform_(-0.5, 0.5)
     return save_checkpoint(path, model, spec, preset=preset)
 
 
@@ -37,6 +42,7 @@ def threshold_checkpoint(path, threshold=0.55, gain=10.0, preset="student-30k", 
     The decision boundary runs through soft tissue, so precision loss (INT8) really flips voxels.
     """
     import torch
+
     from liverkd.distill.checkpoint import save_checkpoint
     from liverkd.distill.models import create_model
 

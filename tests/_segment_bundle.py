@@ -6,7 +6,6 @@ tests assert geometry and behaviour, never anatomy."""
 from __future__ import annotations
 
 import atexit
-import json
 import shutil
 import tempfile
 import warnings
@@ -54,23 +53,24 @@ def make_bundle(
             _CACHE_DIR.append(Path(tempfile.mkdtemp(prefix="liverkd-test-bundles-")))
             atexit.register(shutil.rmtree, _CACHE_DIR[0], True)
         _BUILT[key] = _build(_CACHE_DIR[0] / f"bundle{len(_BUILT)}", spec, preset, seed, constant)
+    from liverkd.deploy.bundle import Bundle
+
     folder = Path(folder)
     shutil.copytree(_BUILT[key], folder)
-    meta = json.loads((folder / "engine.json").read_text())
-    meta["name"] = folder.name
-    (folder / "engine.json").write_text(json.dumps(meta, indent=2))
+    bundle = Bundle.load(folder)
+    Bundle(folder, bundle.meta.replace(name=folder.name)).save()
     return folder
 
 
 def _build(folder: Path, spec: PreprocessSpec, preset: str, seed: int, constant: int | None) -> Path:
     import onnx
     import torch
+
+    from liverkd.core.atomic import sha256_file
     from liverkd.deploy.build import build_engine
     from liverkd.deploy.export import tag
     from liverkd.distill.checkpoint import save_checkpoint
     from liverkd.distill.models import create_model
-
-    from liverkd.core.atomic import sha256_file
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -84,15 +84,17 @@ def _build(folder: Path, spec: PreprocessSpec, preset: str, seed: int, constant:
     try:
         if preset == "edge":  # not a UNet3D, so no checkpoint: a tagged ONNX file is the source
             source = work / "edge.onnx"
-            torch.onnx.export(
-                model,
-                (torch.zeros((1, 1, *spec.input_shape)),),
-                str(source),
-                input_names=["image"],
-                output_names=["logits"],
-                opset_version=17,
-                dynamo=False,
-            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+                torch.onnx.export(
+                    model,
+                    (torch.zeros((1, 1, *spec.input_shape)),),
+                    str(source),
+                    input_names=["image"],
+                    output_names=["logits"],
+                    opset_version=17,
+                    dynamo=False,
+                )
             proto = onnx.load(str(source))
             tag(proto, spec, sha256_file(source), "edge", source.name)
             onnx.save(proto, str(source))

@@ -136,7 +136,7 @@ def test_json_list(tmp_path):
 
 
 def test_phantom_dataset_is_msd(tmp_path):
-    from liverkd.core.synth.phantom import write_dataset
+    from liverkd.core.synth import write_dataset
 
     pairs = write_dataset(tmp_path, 2, seed=1, shape=(16, 16, 16), progress=False)
     cases = discover(tmp_path)

@@ -12,9 +12,9 @@ SCRIPT = textwrap.dedent(
     """
     import sys, torch, torch.distributed as dist
     from liverkd.distill.data import Augment, PatchDataset, phantom_volumes
-    from liverkd.distill.gtan import GTANObjective
     from liverkd.distill.models import UNet3D, UNetConfig
-    from liverkd.distill.train import Supervised, TrainSettings, train
+    from liverkd.distill.objectives import GTANObjective, Supervised
+    from liverkd.distill.train import TrainSettings, train
 
     out = sys.argv[1]
     vols, spec = phantom_volumes(3, (16, 16, 16), seed=0)

@@ -53,6 +53,7 @@ def test_onnx_matches_torch_on_other_input(exported):
     """Independent of export's own check: the graph computes what the checkpoint computes."""
     import onnxruntime as ort
     import torch
+
     from liverkd.deploy.export import load_torch_model
 
     ckpt, result = exported
@@ -66,6 +67,7 @@ def test_onnx_matches_torch_on_other_input(exported):
 
 def test_dynamic_axes_run_other_sizes(tmp_path, exported):
     import onnxruntime as ort
+
     from liverkd.deploy.export import export_onnx
 
     ckpt, _ = exported

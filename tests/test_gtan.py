@@ -1,7 +1,10 @@
 import pytest
 import torch
-from liverkd.distill.gtan import GTANObjective, SlimUNet3D, assistant_index, extract, width_schedule
+
+from liverkd.distill.gtan import SlimUNet3D, assistant_index, extract, grow_adam_state, width_schedule
+from liverkd.distill.losses import DiceCELoss
 from liverkd.distill.models import PRESETS, UNet3D, UNetConfig
+from liverkd.distill.objectives import GTANObjective
 
 
 def slim_net(student="student-30k", n_widths=3, seed=0):
@@ -64,15 +67,16 @@ def test_growth_is_function_preserving(mode):
 
 def test_gtan_trains_assistant_and_student_in_one_step():
     teacher = UNet3D(UNetConfig(widths=(8, 16)))
-    obj = GTANObjective(teacher, UNetConfig(widths=(2, 4)), UNetConfig(widths=(6, 12)), n_widths=2, grow_until=0.5,
-                        beta=0.5)
+    obj = GTANObjective(
+        teacher, UNetConfig(widths=(2, 4)), UNetConfig(widths=(6, 12)), n_widths=2, grow_until=0.5, beta=0.5
+    )
     x = torch.randn(2, 1, 8, 8, 8)
     y = (x[:, 0] > 0).long()
     opt = torch.optim.AdamW(obj.module.parameters(), lr=1e-2)
     student0 = {k: v.clone() for k, v in obj.eval_model().state_dict().items()}
     grew = []
     for step in range(4):
-        grew.append(obj.before_step(step, 4))
+        grew.append(obj.before_step(step, 4, opt))
         loss, parts = obj.loss(obj.module(x), x, y)
         opt.zero_grad()
         loss.backward()
@@ -82,3 +86,45 @@ def test_gtan_trains_assistant_and_student_in_one_step():
     assert teacher.head.weight.grad is None  # the teacher stays frozen
     changed = [k for k, v in obj.eval_model().state_dict().items() if not torch.equal(v, student0[k])]
     assert any("weight" in k for k in changed)
+
+
+def first_update_after_growth(handle_moments: bool, lr=1e-3):
+    """Median |update| / lr of the weights growth 1 -> 2 makes active, at step 5000 of a run."""
+    slim = slim_net()
+    x = torch.randn(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    y = (x[:, 0] > 0).long()
+    opt = torch.optim.AdamW(slim.parameters(), lr=lr, weight_decay=0.0)
+
+    def step(k):
+        opt.zero_grad()
+        DiceCELoss()(slim(x, k), y).backward()
+        opt.step()
+
+    for _ in range(3):
+        step(1)
+    for state in opt.state.values():  # as deep into a run as a real growth, moments converged
+        state["exp_avg"] /= 1 - 0.9**3
+        state["exp_avg_sq"] /= 1 - 0.999**3
+        state["step"].fill_(5000.0)
+    was, now = slim.active(slim.schedule[1]), slim.active(slim.schedule[2])
+    slim.grow(1, 2)
+    if handle_moments:
+        grow_adam_state(opt, slim, 1, 2)
+    before = {p: p.detach().clone() for p in was}
+    step(2)
+    moves = [((p.detach() - before[p]).abs() / lr)[(now[p] & ~was[p]) & (p.grad.abs() > 1e-6)] for p in was]
+    bn_old, bn_new = next(slim.bn_pairs(1, 2))
+    return torch.cat(moves).median().item(), opt, bn_old, bn_new
+
+
+def test_newly_active_weights_do_not_jump_after_growth():
+    """Adam's per-tensor step counter is long past bias correction when growth hands it entries
+    with zero moments: without grow_adam_state they move (1 - b1) / sqrt(1 - b2) = 3.16 lr."""
+    plain, *_ = first_update_after_growth(handle_moments=False)
+    assert plain == pytest.approx(3.16, rel=0.02)
+    handled, opt, bn_old, bn_new = first_update_after_growth(handle_moments=True)
+    assert handled < 0.5
+    # the wider BN continues the narrower one's moments and counter (5000 + the step just taken)
+    assert opt.state[bn_new.weight]["step"].item() == 5001
+    n = bn_old.num_features
+    assert not torch.equal(opt.state[bn_new.weight]["exp_avg_sq"][:n], torch.zeros(n))

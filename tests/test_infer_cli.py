@@ -143,7 +143,7 @@ def test_broken_engine_json_is_a_one_line_error(liverkd_cmd, tmp_path, edit, pro
     (bundle / "engine.json").write_text(json.dumps(meta))
     src = write_ct(tmp_path / "ct.nii.gz")
     proc = run(liverkd_cmd, src, "--engine", bundle)
-    assert proc.returncode == 2
+    assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert "engine.json" in proc.stderr and problem in proc.stderr
     assert not (tmp_path / "ct_liver.nii.gz").exists()

@@ -1,9 +1,9 @@
 import torch
-from liverkd.distill.modelinfo import model_info
-from liverkd.distill.models import PRESETS, UNetConfig, count_params, create_model
 from typer.testing import CliRunner
 
 from liverkd.cli import app
+from liverkd.distill.modelinfo import model_info
+from liverkd.distill.models import PRESETS, UNetConfig, count_params, create_model
 
 
 def test_presets_have_the_paper_sizes():
@@ -50,3 +50,15 @@ def test_model_info_cli_prints_the_counts():
 def test_forward_shape():
     x = torch.zeros(1, 1, 16, 16, 16)
     assert create_model("student-30k")(x).shape == (1, 2, 16, 16, 16)
+
+
+def test_head_bias_starts_at_zero():
+    """No class favoured at init: the sign of the starting liver margin is not left to the seed."""
+    from liverkd.distill.gtan import SlimUNet3D, width_schedule
+
+    for seed in range(3):
+        torch.manual_seed(seed)
+        for name in PRESETS:
+            assert torch.equal(create_model(name).head.bias, torch.zeros(2))
+        slim = SlimUNet3D(PRESETS["ta"], width_schedule(PRESETS["student-30k"].widths, PRESETS["ta"].widths, 2))
+        assert torch.equal(slim.head.bias, torch.zeros(2))

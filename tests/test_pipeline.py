@@ -5,6 +5,7 @@ import subprocess
 
 import pytest
 import yaml
+
 from liverkd.distill.checkpoint import load_checkpoint, model_from_checkpoint
 from liverkd.distill.config import ConfigError, load_config
 
@@ -14,7 +15,7 @@ TINY = {
     "spec": {"spacing": [12.0, 12.0, 12.0], "input_shape": [32, 32, 32]},
     "patch": [16, 16, 16],
     "models": {"teacher": "teacher", "assistant": "ta", "student": "student-30k"},
-    "gtan": {"widths": 2, "grow_until": 0.5, "beta": 0.0},
+    "gtan": {"n_widths": 2, "grow_until": 0.5, "beta": 0.0},
     "train": {"steps": {"teacher": 2, "assistant": 2, "student": 2}, "batch_size": 1, "val_every": 2},
     "ablation": {"students": ["student-30k"]},
 }
@@ -51,8 +52,9 @@ def test_run_end_to_end_then_skips_finished_stages(tmp_path, liverkd_cmd):
 
 def test_ablation_writes_a_table(tmp_path, liverkd_cmd):
     config = write_config(tmp_path)
-    proc = subprocess.run([*liverkd_cmd, "distill", "ablation", str(config), "--seeds", "1"], capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [*liverkd_cmd, "distill", "ablation", str(config), "--seeds", "1"], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = json.loads((tmp_path / "run" / "ablation.json").read_text())
     assert [r["method"] for r in table["rows"]] == ["nokd", "kd", "takd", "gtan"]
@@ -73,6 +75,9 @@ def test_ablation_writes_a_table(tmp_path, liverkd_cmd):
         ({"patch": [15, 16, 16]}, "multiples of 8"),
         ({"models": {"student": "student-1k"}}, "unknown model preset"),
         ({"data": {"val": 1, "test": 1}}, "exactly one of"),
+        ({"gtan": {"widths": 2}}, "'gtan.widths' is now 'gtan.n_widths'"),
+        ({"kd": {"alpha": 0.5, "warmup": 2.0}}, "'kd.warmup' must be in"),
+        ({"train": {"seed": 1}}, "unknown key 'train.seed'"),
     ],
 )
 def test_bad_configs_name_the_problem(tmp_path, change, message, liverkd_cmd):

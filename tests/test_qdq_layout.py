@@ -13,23 +13,23 @@ from collections import defaultdict
 import numpy as np
 import onnx
 import pytest
-from liverkd.deploy import calibrate as C
 from onnx import helper, numpy_helper
 
+from liverkd.deploy import calibrate as C
 from tests._checkpoints import SPEC
 
 WEIGHTED = ("Conv", "ConvTranspose")
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
-def unet_onnx(path, seed=0):
+def unet_onnx(path, shape=SPEC.input_shape, width=2, seed=0):
     """A two-level 3-D U-Net written with onnx.helper, no torch: Conv+Relu, MaxPool, ConvTranspose,
     Concat (skip), 1x1 head -> logits. The exported students have the same operators."""
     rng = np.random.default_rng(seed)
     weights = []
 
-    def const(name, *shape):
-        weights.append(numpy_helper.from_array(rng.normal(0.0, 0.5, shape).astype(np.float32), name))
+    def const(name, *dims):
+        weights.append(numpy_helper.from_array(rng.normal(0.0, 0.5, dims).astype(np.float32), name))
         return name
 
     def conv(x, out, cin, cout, k=3):
@@ -41,25 +41,27 @@ def unet_onnx(path, seed=0):
 
     pool = [2, 2, 2]
     nodes = [
-        conv("input", "c0", 1, 2),
+        conv("input", "c0", 1, width),
         relu("c0"),
         helper.make_node("MaxPool", ["c0.relu"], ["p0"], kernel_shape=pool, strides=pool),
-        conv("p0", "c1", 2, 4),
+        conv("p0", "c1", width, 2 * width),
         relu("c1"),
         helper.make_node(
-            "ConvTranspose", ["c1.relu", const("up.weight", 4, 2, 2, 2, 2), const("up.bias", 2)], ["up"], strides=pool
+            "ConvTranspose",
+            ["c1.relu", const("up.weight", 2 * width, width, 2, 2, 2), const("up.bias", width)],
+            ["up"],
+            strides=pool,
         ),
         helper.make_node("Concat", ["c0.relu", "up"], ["cat"], axis=1),
-        conv("cat", "c2", 4, 2),
+        conv("cat", "c2", 2 * width, width),
         relu("c2"),
-        conv("c2.relu", "logits", 2, 2, k=1),
+        conv("c2.relu", "logits", width, 2, k=1),
     ]
-    shape = [1, 1, *SPEC.input_shape]
     graph = helper.make_graph(
         nodes,
         "unet",
-        [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 2, *SPEC.input_shape])],
+        [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 1, *shape])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 2, *shape])],
         weights,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
@@ -75,7 +77,6 @@ def fp32_onnx(request, tmp_path_factory):
         return unet_onnx(folder / "m.onnx")
     pytest.importorskip("torch", reason="exporting a student needs torch")
     from liverkd.deploy.export import export_onnx
-
     from tests._checkpoints import make_checkpoint
 
     return export_onnx(make_checkpoint(folder / "m.pt"), folder / "m.onnx").path
@@ -142,6 +143,7 @@ def test_int8_onnx_has_the_qdq_layout_tensorrt_needs(tmp_path, fp32_onnx):
     inputs = [C.phantom_input(SPEC, seed) for seed in (1, 2)]
     C.quantize_int8(fp32_onnx, tmp_path / "m.int8.onnx", inputs, "minmax", tmp_path / "ranges.json")
     model = onnx.load(str(tmp_path / "m.int8.onnx"))
+    onnx.checker.check_model(model)  # nodes in topological order, as TensorRT's parser reads them
     problems = qdq_layout_problems(model)
     assert not problems, f"{len(problems)} layout problems:\n" + "\n".join(problems)
     weighted = [n for n in model.graph.node if n.op_type in WEIGHTED]

@@ -3,11 +3,13 @@ import csv
 import numpy as np
 import pytest
 import torch
+
 from liverkd.distill.checkpoint import load_checkpoint, model_from_checkpoint
 from liverkd.distill.data import Augment, PatchDataset, extract_patch, phantom_volumes, prepare_case, split_cases
-from liverkd.distill.gtan import GTANObjective
+from liverkd.distill.losses import IGNORE
 from liverkd.distill.models import UNet3D, UNetConfig
-from liverkd.distill.train import PartialCheckpointExists, Supervised, TrainSettings, partial_path, train
+from liverkd.distill.objectives import GTANObjective, Supervised
+from liverkd.distill.train import PartialCheckpointExists, TrainSettings, param_groups, partial_path, train
 
 TINY = UNetConfig(widths=(4, 8))
 
@@ -29,8 +31,9 @@ def run(volumes, out, steps=6, stop_after=None, resume=False, kind="supervised")
     torch.manual_seed(0)
     dataset = PatchDataset(vols[:2], (16, 16, 16), augment=Augment(), seed=3)
     settings = TrainSettings(steps=steps, batch_size=2, lr=3e-3, val_every=2)
-    return train(objective(kind), dataset, vols[2:], spec, settings, out, stop_after=stop_after,
-                 resume=resume, stage="student")
+    return train(
+        objective(kind), dataset, vols[2:], spec, settings, out, stop_after=stop_after, resume=resume, stage="student"
+    )
 
 
 @pytest.mark.parametrize(("kind", "stop"), [("supervised", 4), ("gtan", 2)])
@@ -88,10 +91,31 @@ def test_unaugmented_patch_is_an_exact_crop_no_flip(volumes):
     np.testing.assert_allclose(x, v.image[8:32], atol=1e-6)  # moved along +x, never mirrored
 
 
+def test_patch_voxels_outside_the_volume_are_ignored(volumes):
+    v = volumes[0][0]
+    x, y = extract_patch(v.image, v.label, (0, 0, 0), (16, 16, 16), np.eye(3))  # centred on a corner
+    inside = np.zeros((16, 16, 16), bool)
+    inside[8:, 8:, 8:] = True  # voxels 8.. of the patch are voxels 0..7 of the volume
+    assert np.array_equal(y == IGNORE, ~inside) and (y[inside] >= 0).all()
+    assert np.array_equal(y[inside].reshape(8, 8, 8), v.label[:8, :8, :8])
+    assert (x[~inside] == 0).all()
+
+
+def test_adamw_decays_conv_weights_only():
+    model = UNet3D(TINY)
+    decay, no_decay = param_groups(model, 1e-4)
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm3d)]
+    skip = {id(p) for m in norms for p in (m.weight, m.bias)} | {id(model.head.bias)} | {id(u.bias) for u in model.up}
+    assert {id(p) for p in no_decay["params"]} == skip
+    assert {id(p) for p in decay["params"]} == {id(p) for p in model.parameters()} - skip
+    assert all(p.ndim == 5 for p in decay["params"])
+
+
 def test_cases_are_cached_once(tmp_path):
     from liverkd.core.datasets import discover
     from liverkd.core.spec import PreprocessSpec
-    from liverkd.core.synth.phantom import write_dataset
+    from liverkd.core.synth import write_dataset
 
     write_dataset(tmp_path / "ds", 4, seed=0, shape=(32, 32, 32))
     cases = discover(tmp_path / "ds")

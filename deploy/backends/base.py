@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from liverkd.core.errors import LiverkdError
 from liverkd.deploy.bundle import ModelFile
 
 RUNNERS = {
@@ -28,7 +29,7 @@ AUTO_ORDER = ("tensorrt", "onnxruntime")
 """`--backend auto` takes the first of these that can run the bundle here."""
 
 
-class RunnerError(RuntimeError):
+class RunnerError(LiverkdError, RuntimeError):
     """A backend that cannot run here (missing package, no GPU, incompatible plan, wrong shape)."""
 
 
@@ -121,6 +122,6 @@ def auto_backend(bundle) -> str:
 
 def open_runner(bundle, backend: str = "auto", *, precision: str | None = None, **options) -> Runner:
     """A runner for `bundle` on `backend` (auto: see auto_backend), at `precision` (default: the bundle's)."""
-    if backend == "auto":
-        backend = auto_backend(bundle)
+    if backend == "auto":  # a plan serves the bundle's own precision only
+        backend = auto_backend(bundle) if precision in (None, bundle.precision) else "onnxruntime"
     return runner_class(backend).from_bundle(bundle, precision, **options)

@@ -1,8 +1,9 @@
 """TensorRT: build a plan from ONNX, and run a plan (cuda-python device buffers, execute_async_v3).
 
 A plan only runs on the GPU model and TensorRT version it was built for, so engine.json
-records both, with the plan's size and sha256. Every check that needs neither TensorRT nor
-a GPU runs first; the CUDA preflight runs before anything touches trt.Runtime.
+records both (EngineMeta.tensorrt: version, GPU name, compute capability, SM count), and the
+plan's size and sha256 (files.plan). Every check that needs neither TensorRT nor a GPU runs
+first; the CUDA preflight runs before anything touches trt.Runtime.
 
 Precision on TensorRT >= 10 lives in the ONNX file (strongly typed networks: model.fp16.onnx,
 model.int8.onnx with Q/DQ); TensorRT 8.x/9.x builds the fp32 or Q/DQ file with the FP16/INT8
@@ -11,13 +12,15 @@ builder flags instead.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
-from liverkd.deploy.backends.base import Runner, RunnerError
-from liverkd.deploy.cuda_preflight import preflight
 
-from liverkd.core.atomic import atomic_path, sha256_file
+from liverkd.core.atomic import atomic_path
+from liverkd.deploy.backends.base import Runner, RunnerError
+from liverkd.deploy.bundle import BundleError, ModelFile, TensorRTTarget
+from liverkd.deploy.cuda_preflight import preflight
 
 
 def import_tensorrt():
@@ -45,72 +48,47 @@ def _major(version: str) -> int:
 # ---------------------------------------------------------------- plan checks
 
 
-def check_plan_file(plan: Path, built: dict) -> str | None:
-    """Why the plan file is not the one engine.json describes (missing, truncated, foreign); None if it is."""
-    if not plan.is_file():
-        return f"{plan}: missing"
-    size = plan.stat().st_size
-    want = built.get("plan_bytes")
-    if want is not None and size != want:
-        kind = "truncated" if size < want else "larger than recorded"
-        return f"{plan}: {kind} ({size:,} bytes, engine.json says {want:,})"
-    if built.get("plan_sha256") and sha256_file(plan) != built["plan_sha256"]:
-        return f"{plan}: sha256 differs from engine.json (not the plan this bundle was built with)"
+def check_target(built: TensorRTTarget, here: TensorRTTarget) -> str | None:
+    """Why a plan built for `built` cannot run `here`; None if it can."""
+    if built.version != here.version:
+        return f"plan built with TensorRT {built.version}, this machine has TensorRT {here.version}"
+    same_sms = built.sm_count is None or here.sm_count is None or built.sm_count == here.sm_count
+    if built.gpu_name != here.gpu_name or built.compute_capability != here.compute_capability or not same_sms:
+        return f"plan built for {_gpu(built)}, this machine has {_gpu(here)}"
     return None
 
 
-def check_target(built: dict, here: dict) -> str | None:
-    """Why a plan built for `built` (engine.json "tensorrt") cannot run `here`; None if it can."""
-    if built.get("version") != here.get("version"):
-        return f"plan built with TensorRT {built.get('version')}, this machine has TensorRT {here.get('version')}"
-    if built.get("gpu_name") != here.get("gpu_name") or built.get("compute_capability") != here.get(
-        "compute_capability"
-    ):
-        return (
-            f"plan built for {built.get('gpu_name')} (compute {built.get('compute_capability')}), "
-            f"this machine has {here.get('gpu_name')} (compute {here.get('compute_capability')})"
-        )
-    return None
+def _gpu(t: TensorRTTarget) -> str:
+    sms = f", {t.sm_count} SMs" if t.sm_count else ""
+    return f"{t.gpu_name} (compute {t.compute_capability}{sms})"
 
 
-def target_here() -> dict:
-    """TensorRT version, GPU name and compute capability of this machine; RunnerError if no TensorRT/GPU."""
+def target_here() -> TensorRTTarget:
+    """TensorRT version, GPU name, compute capability and SM count here; RunnerError if no TensorRT/GPU."""
     trt = import_tensorrt()
     pre = preflight()
     if not pre.ok:
         raise RunnerError(f"TensorRT needs a GPU: {pre.reason}")
     dev = pre.device
-    return {
-        "version": trt.__version__,
-        "gpu_name": dev.name,
-        "compute_capability": dev.compute_capability,
-        "driver": dev.driver_version,
-    }
+    return TensorRTTarget(trt.__version__, dev.name, dev.compute_capability, dev.sm_count or None, dev.driver_version)
 
 
 def plan_usable(bundle) -> tuple[bool, str]:
     """(can this bundle's model.plan run here, why not). Cheap checks first; never touches trt.Runtime."""
-    plan = bundle.file("plan")
-    if plan is None:
+    if bundle.meta.tensorrt is None:
         return False, f"{bundle.path}: no TensorRT plan in this bundle"
-    built = bundle.meta.get("tensorrt") or {}
-    if not built:
-        return False, f"{bundle.path}/engine.json: no 'tensorrt' entry describing {plan.name}"
-    why = check_plan_file(plan, built)
-    if why:
-        return False, why
     try:
-        here = target_here()
-    except RunnerError as e:
+        bundle.model_file("plan").read()
+        why = check_target(bundle.meta.tensorrt, target_here())
+    except (BundleError, RunnerError) as e:
         return False, str(e)
-    why = check_target(built, here)
-    return (False, f"{plan}: {why}") if why else (True, "")
+    return (False, f"{bundle.file('plan')}: {why}") if why else (True, "")
 
 
 # ---------------------------------------------------------------- build
 
 
-def build_plan(onnx_path, plan_path, precision: str, *, workspace_mib: int = 1024, timing_cache=None) -> dict:
+def build_plan(onnx_path, plan_path, precision: str, *, workspace_mib: int = 1024, timing_cache=None) -> TensorRTTarget:
     """ONNX -> serialized plan at `plan_path`; returns engine.json's "tensorrt" entry."""
     trt = import_tensorrt()
     here = target_here()
@@ -146,18 +124,17 @@ def build_plan(onnx_path, plan_path, precision: str, *, workspace_mib: int = 102
         with atomic_path(cache_path) as tmp:
             with open(tmp, "wb") as f:
                 f.write(config.get_timing_cache().serialize())
-    return {
-        **here,
-        "strongly_typed": strongly_typed,
-        "builder_flags": [] if strongly_typed else _flags_set(trt, config),
-        "workspace_mib": int(workspace_mib),
-        "plan_bytes": Path(plan_path).stat().st_size,
-        "plan_sha256": sha256_file(plan_path),
-    }
+    return dataclasses.replace(
+        here,
+        strongly_typed=strongly_typed,
+        builder_flags=() if strongly_typed else _flags_set(trt, config),
+        workspace_mib=int(workspace_mib),
+        onnx=Path(onnx_path).name,
+    )
 
 
-def _flags_set(trt, config) -> list[str]:
-    return [name for name in ("FP16", "INT8") if config.get_flag(getattr(trt.BuilderFlag, name))]
+def _flags_set(trt, config) -> tuple[str, ...]:
+    return tuple(name for name in ("FP16", "INT8") if config.get_flag(getattr(trt.BuilderFlag, name)))
 
 
 def _refuse_dynamic_shapes(network) -> None:
@@ -185,78 +162,93 @@ def _cudart():
     return cudart
 
 
+def cuda_call(result):
+    """A cuda-python call's (error, value...) -> value; RunnerError on an error."""
+    err, *rest = result
+    if int(err) != 0:
+        raise RunnerError(f"CUDA error {err}")
+    return rest[0] if len(rest) == 1 else None
+
+
 class TensorRTRunner(Runner):
-    """One plan, one execution context, device buffers and a stream; timings by CUDA events."""
+    """One plan, one execution context, device buffers and a stream; timings by CUDA events.
+
+    `built_for` is what engine.json says the plan was built with; the plan runs only where
+    target_here() is the same (check_target)."""
 
     name = "tensorrt"
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, plan: ModelFile, *, precision: str, input_shape=None, built_for: TensorRTTarget):
+        super().__init__(plan, precision=precision, input_shape=input_shape)
         self.engine = self.context = self.stream = None
         self._buffers: list[int] = []
         self._events: list = []
-
-    def load(self, bundle) -> TensorRTRunner:
-        ok, why = plan_usable(bundle)  # preflight included: trt.Runtime is touched only after it
-        if not ok:
-            raise RunnerError(why)
+        data = plan.read()  # size and sha256 first: they need neither TensorRT nor a GPU
+        here = target_here()  # the CUDA preflight: trt.Runtime is touched only after it
+        why = check_target(built_for, here)
+        if why:
+            raise RunnerError(f"{plan.path}: {why}")
         trt = import_tensorrt()
         self.cudart = cudart = _cudart()
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(bundle.file("plan").read_bytes())
+        self.engine = self.runtime.deserialize_cuda_engine(data)
         if self.engine is None:
-            raise RunnerError(f"{bundle.file('plan')}: TensorRT could not deserialize the plan")
+            raise RunnerError(f"{plan.path}: TensorRT could not deserialize the plan")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         if len(inputs) != 1 or len(outputs) != 1:
-            raise RunnerError(f"{bundle.file('plan')}: expected one input and one output, got {inputs} -> {outputs}")
+            raise RunnerError(f"{plan.path}: expected one input and one output, got {inputs} -> {outputs}")
         self.input_name, self.output_name = inputs[0], outputs[0]
-        self.input_shape = tuple(self.engine.get_tensor_shape(self.input_name))
-        self.output_shape = tuple(self.engine.get_tensor_shape(self.output_name))
+        self.accept_input_shape(tuple(self.engine.get_tensor_shape(self.input_name)))
+        if None in self.input_shape:
+            raise RunnerError(f"{plan.path}: the plan has dynamic input axes; liverkd builds fixed-shape plans")
         self.input_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.input_name)))
-        self.output = np.empty(self.output_shape, dtype=trt.nptype(self.engine.get_tensor_dtype(self.output_name)))
-        self.stream = self._call(cudart.cudaStreamCreate())
+        output_shape = tuple(self.engine.get_tensor_shape(self.output_name))
+        self.output = np.empty(output_shape, dtype=trt.nptype(self.engine.get_tensor_dtype(self.output_name)))
+        self.stream = cuda_call(cudart.cudaStreamCreate())
         for name, nbytes in (
             (self.input_name, int(np.prod(self.input_shape)) * self.input_dtype.itemsize),
             (self.output_name, self.output.nbytes),
         ):
-            ptr = self._call(cudart.cudaMalloc(nbytes))
+            ptr = cuda_call(cudart.cudaMalloc(nbytes))
             self._buffers.append(ptr)
             self.context.set_tensor_address(name, int(ptr))
-        self._events = [self._call(cudart.cudaEventCreate()) for _ in range(4)]
-        self.device = f"cuda:0 ({bundle.meta['tensorrt'].get('gpu_name')})"
-        self.precision = bundle.precision
-        return self
+        self._events = [cuda_call(cudart.cudaEventCreate()) for _ in range(4)]
+        self.device = f"cuda:0 ({here.gpu_name})"
 
-    def _call(self, result):
-        err, *rest = result
-        if int(err) != 0:
-            raise RunnerError(f"CUDA error {err}")
-        return rest[0] if len(rest) == 1 else None
+    @classmethod
+    def from_bundle(cls, bundle, precision: str | None = None, **options) -> TensorRTRunner:
+        if bundle.meta.tensorrt is None:
+            raise RunnerError(f"{bundle.path}: no TensorRT plan in this bundle")
+        plan = bundle.model_for(cls.name, precision)
+        meta = bundle.meta
+        return cls(plan, precision=meta.precision, input_shape=meta.input.shape, built_for=meta.tensorrt, **options)
+
+    @classmethod
+    def usable(cls, bundle) -> tuple[bool, str]:
+        return plan_usable(bundle)
 
     def _infer(self, x: np.ndarray) -> np.ndarray:
         cudart = self.cudart
         x = np.ascontiguousarray(x, dtype=self.input_dtype)
-        if x.shape != self.input_shape:
-            raise RunnerError(f"input shape {x.shape} != engine input {self.input_shape}")
         e0, e1, e2, e3 = self._events
         h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        self._call(cudart.cudaEventRecord(e0, self.stream))
-        self._call(cudart.cudaMemcpyAsync(self._buffers[0], x.ctypes.data, x.nbytes, h2d, self.stream))
-        self._call(cudart.cudaEventRecord(e1, self.stream))
+        cuda_call(cudart.cudaEventRecord(e0, self.stream))
+        cuda_call(cudart.cudaMemcpyAsync(self._buffers[0], x.ctypes.data, x.nbytes, h2d, self.stream))
+        cuda_call(cudart.cudaEventRecord(e1, self.stream))
         if not self.context.execute_async_v3(int(self.stream)):
             raise RunnerError("TensorRT execute_async_v3 failed")
-        self._call(cudart.cudaEventRecord(e2, self.stream))
-        self._call(
+        cuda_call(cudart.cudaEventRecord(e2, self.stream))
+        cuda_call(
             cudart.cudaMemcpyAsync(self.output.ctypes.data, self._buffers[1], self.output.nbytes, d2h, self.stream)
         )
-        self._call(cudart.cudaEventRecord(e3, self.stream))
-        self._call(cudart.cudaEventSynchronize(e3))
-        ms = [self._call(cudart.cudaEventElapsedTime(a, b)) for a, b in ((e0, e1), (e1, e2), (e2, e3))]
+        cuda_call(cudart.cudaEventRecord(e3, self.stream))
+        cuda_call(cudart.cudaEventSynchronize(e3))
+        ms = [cuda_call(cudart.cudaEventElapsedTime(a, b)) for a, b in ((e0, e1), (e1, e2), (e2, e3))]
         self.last_timings = {"h2d": ms[0] / 1e3, "network": ms[1] / 1e3, "d2h": ms[2] / 1e3}
         return self.output.astype(np.float32, copy=True)
 

@@ -1,71 +1,74 @@
 """PyTorch: the bundle's source checkpoint (model.pt) run eagerly, for parity checks and GPU
 timing where TensorRT is absent. It loads the network through deploy.export, the one place
-in deploy/ that may import the training code."""
+in deploy/ that may import the training code; the checkpoint's bytes are checked against
+engine.json first and unpickled with torch.load(weights_only=True) (docs/security.md)."""
 
 from __future__ import annotations
 
 import time
 
 import numpy as np
+
 from liverkd.deploy.backends.base import Runner, RunnerError
+from liverkd.deploy.bundle import ModelFile
 
 
 class TorchRunner(Runner):
-    """CUDA when available (fp16 by `half=True` or an fp16 bundle), else CPU fp32."""
+    """CUDA when available (fp16 by `half=True` or an fp16 precision), else CPU fp32."""
 
     name = "torch"
 
-    def __init__(self, device: str | None = None, half: bool | None = None):
-        super().__init__()
-        self.requested_device = device
-        self.half = half
-        self.model = None
-
-    def load(self, bundle) -> TorchRunner:
+    def __init__(
+        self,
+        checkpoint: ModelFile,
+        *,
+        precision: str = "fp32",
+        input_shape=None,
+        device: str | None = None,
+        half: bool | None = None,
+    ):
+        super().__init__(checkpoint, precision=precision, input_shape=input_shape)
         try:
             import torch
         except ImportError as e:
             raise RunnerError(f"PyTorch is not installed ({e})") from None
         from liverkd.deploy.export import ExportError, load_torch_model
 
-        checkpoint = bundle.file("checkpoint")
-        if checkpoint is None or not checkpoint.is_file():
-            raise RunnerError(
-                f"{bundle.path}: no model.pt in this bundle (built from an ONNX file); torch cannot run it"
-            )
+        data = checkpoint.read()
         try:
-            model, _spec, _payload = load_torch_model(checkpoint)
+            model, _spec, _payload = load_torch_model(checkpoint.path, data=data)
         except (ExportError, ValueError) as e:
             raise RunnerError(str(e)) from None
-        device = self.requested_device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RunnerError("torch backend asked for CUDA, but torch sees no GPU")
-        half = self.half if self.half is not None else (bundle.precision == "fp16" and device.startswith("cuda"))
+        half = half if half is not None else (precision == "fp16" and device.startswith("cuda"))
         self.torch = torch
         self.dtype = torch.float16 if half else torch.float32
         # channels-last 3-D: measured 2.4x (30k) and 3.2x (100k) faster fp32 on an H200 (docs/results.md)
         self.memory_format = torch.channels_last_3d if device.startswith("cuda") else torch.contiguous_format
-        self.model = model.to(device=device, dtype=self.dtype, memory_format=self.memory_format).eval()
+        self.network = model.to(device=device, dtype=self.dtype, memory_format=self.memory_format).eval()
         self.device = device if device == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})"
         self.cuda = device.startswith("cuda")
         self.precision = "fp16" if half else "fp32"
-        return self
+        if self.expected_input_shape is not None:  # a fully convolutional net declares none: take engine.json's
+            self.accept_input_shape(self.expected_input_shape)
 
     def _infer(self, x: np.ndarray) -> np.ndarray:
         torch = self.torch
-        dev = next(self.model.parameters()).device
+        dev = next(self.network.parameters()).device
         host = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         with torch.inference_mode():
             if not self.cuda:
                 t0 = time.perf_counter()
-                out = self.model(host.to(self.dtype)).float().numpy()
+                out = self.network(host.to(self.dtype)).float().numpy()
                 self.last_timings = {"h2d": 0.0, "network": time.perf_counter() - t0, "d2h": 0.0}
                 return out
             events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
             events[0].record()
             xd = host.to(dev, non_blocking=False).to(self.dtype).contiguous(memory_format=self.memory_format)
             events[1].record()
-            yd = self.model(xd)
+            yd = self.network(xd)
             events[2].record()
             out = yd.float().cpu().numpy()
             events[3].record()
@@ -75,4 +78,4 @@ class TorchRunner(Runner):
         return out
 
     def close(self) -> None:
-        self.model = None
+        self.network = None

@@ -1,4 +1,4 @@
-"""CLI: `liverkd data synth` and `liverkd data check` (the work is liverkd.core.synth.phantom / liverkd.core.datasets)."""
+"""CLI: `liverkd data synth` and `liverkd data check` (the work is liverkd.core.synth / liverkd.core.datasets)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import typer
 
 from liverkd.cli.app import app
 
-data_app = typer.Typer(
-    help="Data sets: synthetic phantoms, and checking a real data set's layout.", no_args_is_help=True
-)
+data_app = typer.Typer(help="Data sets: synthetic CT, and checking a real data set's layout.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
@@ -24,28 +22,47 @@ def synth(
     out: Path = typer.Option(
         ..., "--out", "-o", help="Folder to write (MSD layout: imagesTr/, labelsTr/, dataset.json)."
     ),
-    n: int = typer.Option(8, "--n", min=1, help="Number of phantoms."),
+    n: int = typer.Option(8, "--n", min=1, help="Number of cases."),
     seed: int = typer.Option(0, "--seed", help="Same seed, same bytes."),
     shape: tuple[int, int, int] = typer.Option((64, 64, 64), "--shape", metavar="X Y Z", help="Voxels per axis."),
     spacing: float | None = typer.Option(
         None, "--spacing", metavar="MM", help="Isotropic voxel size in mm (default: 384 mm / shape per axis)."
     ),
+    labelmaps: Path | None = typer.Option(
+        None,
+        "--labelmaps",
+        metavar="DIR",
+        help="TotalSegmentator-style subject folders (one <structure>.nii.gz per structure) to draw anatomy from; "
+        "default: the procedural anatomy only.",
+    ),
+    procedural: float = typer.Option(
+        0.0, "--procedural-fraction", min=0.0, max=1.0, help="With --labelmaps: this fraction of cases procedural."
+    ),
     preview: bool = typer.Option(
         False, "--preview", help="Also write OUT/preview.png (axial + coronal, liver outlined)."
     ),
 ):
-    """Write seeded synthetic abdominal CT phantoms with liver masks (MSD layout)."""
-    from liverkd.core.synth.phantom import preview_dataset, write_dataset
+    """Write seeded synthetic abdominal CTs with liver masks (MSD layout), domain-randomised."""
+    from rich.console import Console
+
+    from liverkd.cli.progress import volume_progress
+    from liverkd.core.synth import write_dataset
     from liverkd.core.volume import VolumeError
 
     if out.exists() and not out.is_dir():
         _fail(f"{out}: exists and is not a folder")
     try:
-        pairs = write_dataset(out, n, seed=seed, shape=shape, spacing=spacing)
+        with volume_progress(Console(stderr=True)) as bar:
+            task = bar.add_task(f"synthetic CT {shape[0]}x{shape[1]}x{shape[2]}", total=n)
+            pairs = write_dataset(out, n, seed=seed, shape=shape, spacing=spacing, labelmaps=labelmaps,
+                                  procedural_fraction=procedural,
+                                  progress=lambda done, total: bar.update(task, completed=done))  # fmt: skip
     except (ValueError, VolumeError, OSError) as e:
         _fail(str(e))
-    typer.echo(f"wrote {len(pairs)} phantoms to {out} ({out / 'dataset.json'})")
+    typer.echo(f"wrote {len(pairs)} cases to {out} ({out / 'dataset.json'})")
     if preview:
+        from liverkd.viz import preview_dataset
+
         typer.echo(f"preview: {preview_dataset(out)}")
 
 

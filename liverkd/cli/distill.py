@@ -38,7 +38,7 @@ def _is_main() -> bool:
 
 @distill_app.command("run")
 def run(config: Path = CONFIG, resume: bool = RESUME):
-    """Train teacher -> GTAN -> student; write RUN_DIR/student.pt and its held-out Dice."""
+    """Train teacher -> GTAN -> student (or the config's `method`); write RUN_DIR/student.pt and its held-out Dice."""
     cfg = _load(config)
     import time
 
@@ -52,10 +52,13 @@ def run(config: Path = CONFIG, resume: bool = RESUME):
         _fail(str(e).splitlines()[0])
     if not _is_main():
         return
-    s, t = result["student"], result["teacher"]
-    typer.echo(f"teacher  {t['preset']:<13} {t['params']:>9,} params  held-out Dice {t['dice']:.3f}")
-    typer.echo(f"student  {s['preset']:<13} {s['params']:>9,} params  held-out Dice {s['dice']:.3f}  "
-               f"(GTAN, {len(result['test_cases'])} held-out cases)")
+    n = len(result["test_cases"])
+    how = {"gtan": "GTAN", "kd": "KD", "nokd": "no KD"}[result["method"]]
+    for role in ("teacher", "student"):
+        if role in result:
+            r = result[role]
+            typer.echo(f"{role:<8} {r['preset']:<13} {r['params']:>9,} params  held-out Dice {r['dice']:.3f}"
+                       + (f"  ({how}, {n} held-out cases, the `liverkd infer` path)" if role == "student" else ""))
     typer.echo(f"wrote {Path(cfg.run_dir) / 'student.pt'} and {Path(cfg.run_dir) / 'heldout.json'} "
                f"in {time.perf_counter() - started:.0f} s")
 

@@ -71,5 +71,5 @@ def build_engine(
             )
     except (BuildError, CalibrationError, ExportError, RunnerError, VolumeError, ValueError) as e:
         _fail(str(e))
-    files = ", ".join(sorted(bundle.meta["files"].values()))
+    files = ", ".join(sorted(record.path for record in bundle.meta.files.values()))
     console.print(f"wrote {bundle.path}: {files}")

@@ -114,7 +114,7 @@ def infer(
             say(f"using the packaged model {models.DEFAULT} ({segmenter.bundle.path})")
     except (BundleError, RunnerError, LiverkdError) as e:
         say(f"error: {e}")
-        raise typer.Exit(2) from None
+        raise typer.Exit(1) from None
 
     failed = 0
     claimed: dict[Path, str] = {}

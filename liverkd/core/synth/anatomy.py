@@ -79,12 +79,12 @@ class Patient:
     coverage_z = (BOX[0][2], BOX[1][2])
 
     def liver_box(self) -> tuple[np.ndarray, np.ndarray]:
-        """World (lo, hi) corners (mm) around the liver, from a coarse 5 mm evaluation."""
-        axes = [np.arange(lo, hi, 5.0, dtype=np.float32) for lo, hi in zip((-160, -140, -320), (210, 140, 80))]
+        """World (lo, hi) corners (mm) around the liver, from a coarse 8 mm evaluation."""
+        axes = [np.arange(lo, hi, 8.0, dtype=np.float32) for lo, hi in zip((-160, -140, -320), (210, 140, 80))]
         inside = np.argwhere(self.liver_value(*np.meshgrid(*axes, indexing="ij")) < 1)
         lo = [a[i] for a, i in zip(axes, inside.min(axis=0))]
         hi = [a[i] for a, i in zip(axes, inside.max(axis=0))]
-        return np.array(lo) - 5.0, np.array(hi) + 5.0
+        return np.array(lo) - 8.0, np.array(hi) + 8.0
 
     def crop(self, lo, hi, spacing: float) -> tuple[np.ndarray, np.ndarray]:
         """Tissue ids on a `spacing` grid over the world box [lo, hi] (mm) and its affine."""

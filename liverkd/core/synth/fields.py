@@ -18,6 +18,16 @@ class Waves:
         self.phase = rng.uniform(0, 2 * np.pi, size=n).astype(np.float32)
         self.amp = (rng.normal(size=(n, 3)) * amplitude_mm / np.sqrt(n / 2)).astype(np.float32)
 
+    def __call__(self, x, y, z):
+        """The field at arbitrary points (three arrays of one shape)."""
+        shape = np.broadcast_shapes(np.shape(x), np.shape(y), np.shape(z))
+        out = [np.zeros(shape, np.float32) for _ in range(3)]
+        for k, phase, amp in zip(self.k, self.phase, self.amp, strict=True):
+            s = np.sin(k[0] * x + k[1] * y + k[2] * z + phase)
+            for axis in range(3):
+                out[axis] += amp[axis] * s
+        return out
+
     @property
     def reach_mm(self) -> float:
         """No displacement component is larger than this."""
@@ -69,14 +79,14 @@ def smooth_field(rng: np.random.Generator, shape, spacing, cell_mm: float) -> np
     """Unit-variance smooth random field on a grid (float32), features about `cell_mm` wide.
 
     White noise on a lattice of cell_mm / 2, Gaussian-smoothed, then interpolated to the grid
-    one axis at a time (three small matrix products: cheap even at 256^3)."""
+    one axis at a time (three matrix products: cheap even at 256^3)."""
     step = cell_mm / 2
     n_coarse = [int(np.ceil(n * s / step)) + 3 for n, s in zip(shape, spacing, strict=True)]
     coarse = ndimage.gaussian_filter(rng.standard_normal(n_coarse, dtype=np.float32), 1.0, mode="wrap")
-    out = coarse
-    for axis, (n, s, nc) in enumerate(zip(shape, spacing, n_coarse, strict=True)):
-        out = np.moveaxis(np.tensordot(_interpolation_matrix(n, s, step, nc), out, axes=([1], [axis])), 0, axis)
-    out = np.ascontiguousarray(out, dtype=np.float32)
+    wx, wy, wz = (_interpolation_matrix(n, s, step, nc) for n, s, nc in zip(shape, spacing, n_coarse, strict=True))
+    out = (wx @ coarse.reshape(n_coarse[0], -1)).reshape(shape[0], n_coarse[1], n_coarse[2])
+    out = np.ascontiguousarray(np.einsum("yj,xjk->xyk", wy, out, optimize=True))
+    out = (out.reshape(-1, n_coarse[2]) @ wz.T).reshape(shape)  # 2-D products: stacked matmul is far slower
     out -= out.mean()
     out /= max(float(out.std()), 1e-6)
     return out
