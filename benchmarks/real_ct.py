@@ -122,13 +122,16 @@ def main(argv=None) -> int:
                 p = r["probability"]
                 title = f"{engine} {case}: Dice {p['dice']:.3f}, HD95 {p['hd95']:.1f} mm (green: reference)"
                 png = args.out / f"{Path(str(engine)).name}_{case}.png"
-                write_preview(image.array, r.pop("mask"), image.affine, png, window=seg.spec.hu_window, title=title,
-                              reference=ref)
+                write_preview(
+                    image.array, r.pop("mask"), image.affine, png, window=seg.spec.hu_window, title=title, reference=ref
+                )
                 rows.append({"engine": Path(str(engine)).name, "case": case, **r})
                 n = r["nearest"]
-                print(f"{rows[-1]['engine']:>14} {case:>10}: Dice {p['dice']:.3f} HD95 {p['hd95']:6.1f} mm "
-                      f"ASSD {p['assd']:5.1f} mm | nearest Dice {n['dice']:.3f} | {r['seconds']:.1f} s | {png}",
-                      flush=True)
+                print(
+                    f"{rows[-1]['engine']:>14} {case:>10}: Dice {p['dice']:.3f} HD95 {p['hd95']:6.1f} mm "
+                    f"ASSD {p['assd']:5.1f} mm | nearest Dice {n['dice']:.3f} | {r['seconds']:.1f} s | {png}",
+                    flush=True,
+                )
     machine = f"{platform.machine()}, {platform.processor() or 'CPU'}, backend {args.backend}"
     table = markdown(rows, machine)
     print(table)

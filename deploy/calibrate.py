@@ -26,6 +26,7 @@ import numpy as np
 
 from liverkd.core import volume as V
 from liverkd.core.atomic import atomic_path, write_text
+from liverkd.core.errors import LiverkdError
 from liverkd.core.preprocess import prepare
 from liverkd.core.spec import PreprocessSpec
 
@@ -33,7 +34,7 @@ METHODS = ("minmax", "entropy", "percentile")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
-class CalibrationError(ValueError):
+class CalibrationError(LiverkdError, ValueError):
     """Unusable calibration data. str() is one line naming the folder or file."""
 
 

@@ -241,8 +241,15 @@ class Segmenter:
         with clock.stage("read"):  # checking the input is part of reading it
             for message in self._input_warnings(vol):
                 self._warn(notes, vol.path, message)
-        mask = segment_volume(vol, self.spec, self.predictor(clock), roi_size=self.roi_size, overlap=self.overlap,
-                              label=self.liver_label, clock=clock)
+        mask = segment_volume(
+            vol,
+            self.spec,
+            self.predictor(clock),
+            roi_size=self.roi_size,
+            overlap=self.overlap,
+            label=self.liver_label,
+            clock=clock,
+        )
         if not mask.any():
             self._warn(notes, vol.path, "no liver found: the mask is empty")
         return Segmentation(mask, vol, clock.timings(), notes)

@@ -77,9 +77,17 @@ def synthesize(p: Phantoms, out: Path, ctx: Dist) -> Path:
             raise ConfigError(f"data.phantoms.labelmaps: {p.labelmaps} is not a folder (TotalSegmentator label maps)")
         with Progress(transient=True) as bar:
             task = bar.add_task(f"synthetic CT ({p.n})", total=p.n)
-            write_dataset(path, p.n, seed=p.seed, shape=p.shape, spacing=p.spacing, labelmaps=p.labelmaps,
-                          procedural_fraction=p.procedural_fraction, scan_extent=p.scan_extent,
-                          progress=lambda done, _n: bar.update(task, completed=done))
+            write_dataset(
+                path,
+                p.n,
+                seed=p.seed,
+                shape=p.shape,
+                spacing=p.spacing,
+                labelmaps=p.labelmaps,
+                procedural_fraction=p.procedural_fraction,
+                scan_extent=p.scan_extent,
+                progress=lambda done, _n: bar.update(task, completed=done),
+            )
     ctx.barrier()
     return path
 
@@ -205,8 +213,12 @@ def run(cfg: Config, *, resume: bool = False, echo=print) -> dict:
                     extra={"from": f"{cfg.method}.pt", "method": cfg.method, "seconds": student_s})  # fmt: skip
     result = {
         "method": cfg.method,
-        "student": {"preset": preset, "params": count_params(student), "seconds": student_s,
-                    **evaluate(student, data.test, cfg.spec, ctx.device)},  # fmt: skip
+        "student": {
+            "preset": preset,
+            "params": count_params(student),
+            "seconds": student_s,
+            **evaluate(student, data.test, cfg.spec, ctx.device),
+        },  # fmt: skip
         "test_cases": [c.case_id for c in data.test],
     }
     if teacher is not None:

@@ -15,9 +15,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 from _segment_bundle import make_bundle, nifti, synthetic_ct
-from liverkd.deploy import Segmenter
 
 from liverkd.core.volume import VolumeError, VolumeWarning
+from liverkd.deploy import Segmenter
 
 NOBODY = 65534
 

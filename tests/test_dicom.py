@@ -8,13 +8,23 @@ import pytest
 
 pydicom = pytest.importorskip("pydicom", reason="the optional extra `dicom` (pydicom) is not installed")
 
+from liverkd.core.volume import VolumeError, VolumeWarning  # noqa: E402
 from liverkd.deploy.dicom import is_dicom_folder, read_series  # noqa: E402
 
-from liverkd.core.volume import VolumeError, VolumeWarning  # noqa: E402
 
-
-def write_series(folder, volume, *, spacing=(0.8, 0.7), step=2.5, origin=(-120.0, -90.0, 40.0),
-                 iop=(1, 0, 0, 0, 1, 0), slope=1.0, intercept=-1024.0, series_uid=None, shuffle_seed=0):
+def write_series(
+    folder,
+    volume,
+    *,
+    spacing=(0.8, 0.7),
+    step=2.5,
+    origin=(-120.0, -90.0, 40.0),
+    iop=(1, 0, 0, 0, 1, 0),
+    slope=1.0,
+    intercept=-1024.0,
+    series_uid=None,
+    shuffle_seed=0,
+):
     """Write `volume` [row, col, slice] (stored values) as one CT slice per file, in shuffled names."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -105,6 +115,7 @@ def test_single_slice_is_refused(tmp_path):
 
 def test_segmenter_reads_a_dicom_folder(tmp_path):
     from _segment_bundle import make_bundle, synthetic_ct
+
     from liverkd.deploy import Segmenter
 
     hu = synthetic_ct((40, 36, 20))  # used as rows x cols x slices

@@ -42,7 +42,12 @@ def test_each_arrow_is_checked(tmp_path):
     )
     lines = violations(root)
     found = "\n".join(lines)
-    for bad in ("core.ui imports rich", "distill.up imports liverkd.deploy", "deploy.up imports liverkd.cli",
-                "deploy.side imports liverkd.distill", "deploy.segment imports torch"):
+    for bad in (
+        "core.ui imports rich",
+        "distill.up imports liverkd.deploy",
+        "deploy.up imports liverkd.cli",
+        "deploy.side imports liverkd.distill",
+        "deploy.segment imports torch",
+    ):
         assert bad in found
     assert not [line for line in lines if line.startswith("deploy/export.py") or "imports numpy" in line]

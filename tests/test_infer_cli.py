@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from _segment_bundle import make_bundle, nifti, synthetic_ct
+
 from liverkd.deploy.segment import STAGES
 
 

@@ -12,10 +12,10 @@ import subprocess
 
 import numpy as np
 import pytest
-from liverkd.deploy import profile as P
-from liverkd.deploy.device_info import describe, device_facts
 
 from liverkd.core.spec import PreprocessSpec
+from liverkd.deploy import profile as P
+from liverkd.deploy.device_info import describe, device_facts
 
 SPEC = PreprocessSpec(spacing=(6.0, 6.0, 6.0), input_shape=(32, 32, 32))
 RUNS = 4

@@ -33,6 +33,14 @@ class RunnerError(LiverkdError, RuntimeError):
     """A backend that cannot run here (missing package, no GPU, incompatible plan, wrong shape)."""
 
 
+def require(module: str, install: str):
+    """Import a backend's runtime, or a one-line RunnerError saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise RunnerError(f"{module} is not installed ({e}); {install}") from None
+
+
 class Runner(abc.ABC):
     """Runs one model file: float32 (1, 1, X, Y, Z) in, logits (1, C, X, Y, Z) out.
 

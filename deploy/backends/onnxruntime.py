@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from liverkd.deploy.backends.base import Runner, RunnerError
+from liverkd.deploy.backends.base import Runner, RunnerError, require
 from liverkd.deploy.bundle import ModelFile
 
 
@@ -15,21 +15,11 @@ class OnnxRuntimeRunner(Runner):
 
     name = "onnxruntime"
 
-    def __init__(
-        self,
-        model: ModelFile,
-        *,
-        precision: str = "fp32",
-        input_shape=None,
-        providers: list[str] | None = None,
-        threads: int | None = None,
-        spin: bool = False,
-    ):
-        super().__init__(model, precision=precision, input_shape=input_shape)
-        try:
-            import onnxruntime as ort
-        except ImportError as e:
-            raise RunnerError(f"onnxruntime is not installed ({e})") from None
+    def __init__(self, model: ModelFile, *, providers: list[str] | None = None, threads: int | None = None,
+                 spin: bool = False, **common):  # fmt: skip
+        """`common`: precision, input_shape (Runner)."""
+        super().__init__(model, **common)
+        ort = require("onnxruntime", "pip install onnxruntime (or NVIDIA's onnxruntime-gpu)")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads or (os.cpu_count() or 1)

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from liverkd.deploy.backends.base import Runner, RunnerError
+from liverkd.deploy.backends.base import Runner, RunnerError, require
 from liverkd.deploy.bundle import ModelFile
 
 PRECISION_NAMES = {"f32": "fp32", "f16": "fp16"}
@@ -22,28 +22,18 @@ class OpenVINORunner(Runner):
 
     name = "openvino"
 
-    def __init__(
-        self,
-        model: ModelFile,
-        *,
-        precision: str = "fp32",
-        input_shape=None,
-        threads: int | None = None,
-        hint: str = "LATENCY",
-        inference_precision: str | None = None,
-    ):
-        super().__init__(model, precision=precision, input_shape=input_shape)
-        try:
-            import openvino as ov
-            import openvino.properties as props
-            import openvino.properties.hint as hints
-        except ImportError:
-            raise RunnerError("openvino is not installed (pip install 'liverkd[openvino]')") from None
+    def __init__(self, model: ModelFile, *, threads: int | None = None, hint: str = "LATENCY",
+                 inference_precision: str | None = None, **common):  # fmt: skip
+        """`common`: precision, input_shape (Runner)."""
+        super().__init__(model, **common)
+        ov = require("openvino", "pip install 'liverkd[openvino]'")
+        props = require("openvino.properties", "pip install 'liverkd[openvino]'")
+        hints = require("openvino.properties.hint", "pip install 'liverkd[openvino]'")
         modes = hints.PerformanceMode.__members__
         if hint not in modes:
             raise RunnerError(f"OpenVINO hint {hint!r}: choose from {', '.join(modes)}")
         config = {hints.performance_mode: modes[hint], props.inference_num_threads: threads or (os.cpu_count() or 1)}
-        arithmetic = inference_precision or ("f32" if precision == "fp32" else None)
+        arithmetic = inference_precision or ("f32" if self.precision == "fp32" else None)
         if arithmetic:
             config[hints.inference_precision] = arithmetic
         data = model.read()
@@ -58,7 +48,7 @@ class OpenVINORunner(Runner):
         partial = compiled.input(0).get_partial_shape()
         self.accept_input_shape([d.get_length() if d.is_static else None for d in partial])
         self.request = compiled.create_infer_request()
-        self.precision = PRECISION_NAMES.get(arithmetic, arithmetic) or precision
+        self.precision = PRECISION_NAMES.get(arithmetic, arithmetic) or self.precision
 
     def _infer(self, x: np.ndarray) -> np.ndarray:
         self.request.infer({0: np.ascontiguousarray(x, dtype=np.float32)}, share_inputs=True, share_outputs=True)

@@ -18,17 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from liverkd.core.atomic import atomic_path
-from liverkd.deploy.backends.base import Runner, RunnerError
+from liverkd.deploy.backends.base import Runner, RunnerError, require
 from liverkd.deploy.bundle import BundleError, ModelFile, TensorRTTarget
 from liverkd.deploy.cuda_preflight import preflight
 
 
 def import_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise RunnerError(f"TensorRT is not installed ({e})") from None
-    return trt
+    return require("tensorrt", "on a Jetson it comes with JetPack; elsewhere pip install 'liverkd[trt]'")
 
 
 def tensorrt_available() -> tuple[bool, str]:

@@ -37,45 +37,93 @@ def demo_steps(config: str, out: Path, calib: Path) -> list[tuple[str, list[str]
     fp32, int8 = Path("engines/quick-student-fp32"), Path("engines/quick-student-int8")
     test = out / "test"
     steps = [
-        ("Calibration volumes (phantoms)", ["data", "synth", "--out", str(calib), "--n", "20", "--seed", "1000"],
-         f"{calib}/imagesTr/*.nii.gz"),
-        ("Held-out test phantoms", ["data", "synth", "--out", str(test), "--n", "4", "--seed", "5000", "--preview"],
-         f"{test}/preview.png"),
+        (
+            "Calibration volumes (phantoms)",
+            ["data", "synth", "--out", str(calib), "--n", "20", "--seed", "1000"],
+            f"{calib}/imagesTr/*.nii.gz",
+        ),
+        (
+            "Held-out test phantoms",
+            ["data", "synth", "--out", str(test), "--n", "4", "--seed", "5000", "--preview"],
+            f"{test}/preview.png",
+        ),
         ("Distil: teacher -> GTAN -> student", ["distill", "run", config], f"{student}, {run_dir}/*.png"),
         ("Student size", ["model-info", "student-30k", "--shape", "64", "64", "64"], "params, GFLOPs"),
-        ("Engine fp32 (ONNX Runtime here, TensorRT on a GPU)",
-         ["build-engine", str(student), "--precision", "fp32", "--out", str(fp32)], f"{fp32}/engine.json"),
-        ("Engine int8 (calibrated on calib_data)",
-         ["build-engine", str(student), "--precision", "int8", "--calib-data", str(calib), "--out", str(int8)],
-         f"{int8}/engine.json"),
-        ("Infer on the held-out phantoms",
-         ["infer", str(test / "imagesTr"), "-o", str(out / "masks"), "--engine", str(fp32), "--stats", "--preview"],
-         f"{out}/masks/*_liver.nii.gz (+ .json stats, .png overlays)"),
+        (
+            "Engine fp32 (ONNX Runtime here, TensorRT on a GPU)",
+            ["build-engine", str(student), "--precision", "fp32", "--out", str(fp32)],
+            f"{fp32}/engine.json",
+        ),
+        (
+            "Engine int8 (calibrated on calib_data)",
+            ["build-engine", str(student), "--precision", "int8", "--calib-data", str(calib), "--out", str(int8)],
+            f"{int8}/engine.json",
+        ),
+        (
+            "Infer on the held-out phantoms",
+            ["infer", str(test / "imagesTr"), "-o", str(out / "masks"), "--engine", str(fp32), "--stats", "--preview"],
+            f"{out}/masks/*_liver.nii.gz (+ .json stats, .png overlays)",
+        ),
         ("Evaluate against their labels", ["evaluate", str(out / "masks"), str(test / "labelsTr")], "Dice, HD95, ASSD"),
     ]
     real = [c for c in REAL_CASES if (SHARED / "real_ct" / f"{c}_ct.nii.gz").is_file()]
     for case in real:
         mask = out / "real" / f"{case}_liver.nii.gz"
         steps += [
-            (f"The packaged model (no --engine) on the real CT {case} (../shared/data, validation only)",
-             ["infer", str(SHARED / "real_ct" / f"{case}_ct.nii.gz"), "-o", str(mask), "--preview"],
-             f"{mask} (+ .png)"),
-            (f"Evaluate {case} against its reference mask",
-             ["evaluate", str(mask), str(SHARED / "real_ct" / f"{case}_liver.nii.gz")], "Dice, HD95"),
+            (
+                f"The packaged model (no --engine) on the real CT {case} (../shared/data, validation only)",
+                ["infer", str(SHARED / "real_ct" / f"{case}_ct.nii.gz"), "-o", str(mask), "--preview"],
+                f"{mask} (+ .png)",
+            ),
+            (
+                f"Evaluate {case} against its reference mask",
+                ["evaluate", str(mask), str(SHARED / "real_ct" / f"{case}_liver.nii.gz")],
+                "Dice, HD95",
+            ),
         ]
     if (SHARED_CT / "ct_3mm.nii.gz").is_file():
         steps += [
-            ("The phantom-trained quick student on a real CT",
-             ["infer", str(SHARED_CT / "ct_3mm.nii.gz"), "-o", str(out / "real_ct_liver.nii.gz"),
-              "--engine", str(fp32), "--preview"], f"{out}/real_ct_liver.nii.gz"),
-            ("Evaluate it against TotalSegmentator's liver",
-             ["evaluate", str(out / "real_ct_liver.nii.gz"), str(SHARED_CT / "liver_ref_3mm.nii.gz")], "Dice, HD95"),
+            (
+                "The phantom-trained quick student on a real CT",
+                [
+                    "infer",
+                    str(SHARED_CT / "ct_3mm.nii.gz"),
+                    "-o",
+                    str(out / "real_ct_liver.nii.gz"),
+                    "--engine",
+                    str(fp32),
+                    "--preview",
+                ],
+                f"{out}/real_ct_liver.nii.gz",
+            ),
+            (
+                "Evaluate it against TotalSegmentator's liver",
+                ["evaluate", str(out / "real_ct_liver.nii.gz"), str(SHARED_CT / "liver_ref_3mm.nii.gz")],
+                "Dice, HD95",
+            ),
         ]
     steps.append(
-        ("Profile every stage, fp32 vs int8",
-         ["profile", "--engine", str(fp32), "--engine", str(int8), "--synthetic", "4", "--warmup", "2",
-          "--runs", "10", "--plot", str(out / "profile.png"), "--json", str(out / "profile.json")],
-         f"{out}/profile.png, {out}/profile.json"),
+        (
+            "Profile every stage, fp32 vs int8",
+            [
+                "profile",
+                "--engine",
+                str(fp32),
+                "--engine",
+                str(int8),
+                "--synthetic",
+                "4",
+                "--warmup",
+                "2",
+                "--runs",
+                "10",
+                "--plot",
+                str(out / "profile.png"),
+                "--json",
+                str(out / "profile.json"),
+            ],
+            f"{out}/profile.png, {out}/profile.json",
+        ),
     )
     return steps
 
@@ -97,7 +145,7 @@ def demo(
     for title, args, what in demo_steps(config, out, calib):
         if args[0] == "profile" and not Path(args[args.index("--engine", 3) + 1], "engine.json").is_file():
             i = args.index("--engine", 3)  # no int8 bundle: compare backends on the fp32 one instead
-            args = args[:i] + ["--backend", "onnxruntime", "--backend", "torch"] + args[i + 2:]
+            args = args[:i] + ["--backend", "onnxruntime", "--backend", "torch"] + args[i + 2 :]
             title = "Profile every stage, ONNX Runtime vs PyTorch (fp32)"
         console.rule(f"[bold]{title}")
         console.print(f"$ liverkd {' '.join(args)}", style="dim")

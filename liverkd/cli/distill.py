@@ -8,8 +8,9 @@ import typer
 
 from liverkd.cli.app import app
 
-distill_app = typer.Typer(help="Train teacher, assistants and students (KD, TAKD, GTAN) from a YAML config.",
-                          no_args_is_help=True)
+distill_app = typer.Typer(
+    help="Train teacher, assistants and students (KD, TAKD, GTAN) from a YAML config.", no_args_is_help=True
+)
 app.add_typer(distill_app, name="distill")
 
 CONFIG = typer.Argument(..., metavar="CONFIG.yaml", help="Pipeline config, e.g. configs/quick.yaml.")
@@ -57,10 +58,14 @@ def run(config: Path = CONFIG, resume: bool = RESUME):
     for role in ("teacher", "student"):
         if role in result:
             r = result[role]
-            typer.echo(f"{role:<8} {r['preset']:<13} {r['params']:>9,} params  held-out Dice {r['dice']:.3f}"
-                       + (f"  ({how}, {n} held-out cases, the `liverkd infer` path)" if role == "student" else ""))
-    typer.echo(f"wrote {Path(cfg.run_dir) / 'student.pt'} and {Path(cfg.run_dir) / 'heldout.json'} "
-               f"in {time.perf_counter() - started:.0f} s")
+            typer.echo(
+                f"{role:<8} {r['preset']:<13} {r['params']:>9,} params  held-out Dice {r['dice']:.3f}"
+                + (f"  ({how}, {n} held-out cases, the `liverkd infer` path)" if role == "student" else "")
+            )
+    typer.echo(
+        f"wrote {Path(cfg.run_dir) / 'student.pt'} and {Path(cfg.run_dir) / 'heldout.json'} "
+        f"in {time.perf_counter() - started:.0f} s"
+    )
 
 
 @distill_app.command("ablation")

@@ -121,7 +121,6 @@ def sliding_window_inference(
     return blended[(slice(None),) + inner]
 
 
-
 def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
     """Channel softmax as float32 (numerically stable)."""
     z = logits.astype(np.float32, copy=True)
@@ -211,8 +210,9 @@ def segment_grid(x: np.ndarray, predict, roi_size, *, overlap: float = 0.25, lab
     return p
 
 
-def segment_volume(vol: V.Volume, spec: PreprocessSpec, predict, *, roi_size=None, overlap: float = 0.25,
-                   label: int = 1, clock=None) -> np.ndarray:
+def segment_volume(
+    vol: V.Volume, spec: PreprocessSpec, predict, *, roi_size=None, overlap: float = 0.25, label: int = 1, clock=None
+) -> np.ndarray:
     """The whole way from a Volume to its uint8 liver mask on the volume's own voxel grid."""
     clock = clock or NoClock()
     roi = tuple(roi_size or spec.input_shape)

@@ -125,9 +125,7 @@ def from_image(img, path="<image>", max_voxels: int = MAX_VOXELS) -> Volume:
         raise VolumeError(path, f"2-D image (shape {shape}); a 3-D volume is needed")
     n_vox = int(np.prod(shape[:3], dtype=np.int64))
     if n_vox > max_voxels:
-        raise VolumeError(
-            path, f"header claims {shape[:3]} = {n_vox:,} voxels, over the limit of {max_voxels:,}"
-        )
+        raise VolumeError(path, f"header claims {shape[:3]} = {n_vox:,} voxels, over the limit of {max_voxels:,}")
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise VolumeError(path, "invalid affine (singular or not finite)")
