@@ -142,12 +142,10 @@ class Calibration:
 class TensorRTTarget:
     """What a plan was built with and for: it runs only where all of these are the same."""
 
-    version: str
-    """TensorRT's version: a plan runs only on the version that built it."""
+    version: str  # TensorRT's: a plan runs only on the version that built it
     gpu_name: str
     compute_capability: str
-    sm_count: int | None = None
-    """Multiprocessors: an AGX Orin plan is not an Orin NX plan, though both are SM 8.7."""
+    sm_count: int | None = None  # an AGX Orin plan is not an Orin NX plan, though both are SM 8.7
     driver: str | None = None
     strongly_typed: bool = True
     builder_flags: tuple[str, ...] = ()

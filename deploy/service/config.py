@@ -14,6 +14,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RunnerConfig:
+    """The runner's options (`liverkd runner --help` says each), checked by `check` before the loop starts."""
+
     engine: Path
     inbox: Path
     outbox: Path
