@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 PIN := -c constraints.txt
 SOURCES := liverkd distill deploy tests benchmarks
 
-.PHONY: demo test lint format bench constraints clean
+.PHONY: demo test test-py310 lint format bench constraints constraints-py310 clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,20 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q $(PIN) $(TORCH)
 	$(BIN)/pip install -q $(PIN) -e '.[train,dev,dicom,openvino]'
 	touch $@
+
+# The suite a second time on Python 3.10 (JetPack 6's Python) with what pip resolves there and no
+# torch (no CPU wheel for it here): the runtime, calibration and INT8 build must work on it.
+PY310 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10) python3.10)
+VENV310 := .venv310
+
+$(VENV310)/bin/.installed: pyproject.toml constraints-py310.txt
+	$(PY310) -m venv $(VENV310)
+	$(VENV310)/bin/pip install -q -c constraints-py310.txt --upgrade pip
+	$(VENV310)/bin/pip install -q -c constraints-py310.txt -e '.[dev,dicom,openvino]'
+	touch $@
+
+test-py310: $(VENV310)/bin/.installed
+	$(VENV310)/bin/python -m pytest -q
 
 demo: $(BIN)/.installed
 	$(BIN)/liverkd demo
@@ -41,5 +55,10 @@ constraints: $(BIN)/.installed
 	  | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; $(BIN)/pip freeze --all | grep -E '^(setuptools|pip)=='; } > constraints.tmp
 	mv constraints.tmp constraints.txt
 
+constraints-py310: $(VENV310)/bin/.installed
+	{ sed -n '1,2p' constraints-py310.txt; $(VENV310)/bin/pip freeze --exclude-editable | grep -v '^liverkd'; \
+	  $(VENV310)/bin/pip freeze --all | grep -E '^(setuptools|pip)=='; } > constraints.tmp
+	mv constraints.tmp constraints-py310.txt
+
 clean:
-	rm -rf $(VENV) runs/demo
+	rm -rf $(VENV) $(VENV310) runs/demo

@@ -148,17 +148,34 @@ def ort_runner(path: Path, provider: str):
     return run
 
 
-def tensorrt_runner(path: Path, precision: str, folder: Path):
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError as e:
-        raise Skip(f"TensorRT not installed ({e})") from None
-    from liverkd.deploy.backends.tensorrt import TensorRTRunner, build_plan
+def tensorrt_source(path: Path, precision: str, tensorrt_version: str) -> Path:
+    """The ONNX a `precision` plan is built from: an fp16 ONNX where TensorRT is strongly typed (>= 10
+    ignores the FP16 flag there, and 11 has none), the fp32 one with the FP16 flag on TensorRT 8.6."""
+    from liverkd.deploy.backends.tensorrt import plan_onnx_role
+
+    role = plan_onnx_role(precision, tensorrt_version)
+    if role == "onnx_int8":
+        raise Skip("int8 needs a calibrated Q/DQ ONNX: benchmarks/trt_check.py builds and checks one")
+    return fp16_onnx(path) if role == "onnx_fp16" else path
+
+
+def tensorrt_runner(path: Path, precision: str, folder: Path, cuda_binding: str = "auto"):
+    from liverkd.deploy.backends.base import RunnerError
+    from liverkd.deploy.backends.tensorrt import TensorRTRunner, build_plan, tensorrt_available
     from liverkd.deploy.bundle import ModelFile
 
+    ok, why = tensorrt_available(cuda_binding)
+    if not ok:
+        raise Skip(why)
+    import tensorrt
+
+    source = tensorrt_source(path, precision, tensorrt.__version__)
     plan = folder / f"{path.stem}-{precision}.plan"
-    built_for = build_plan(path, plan, precision, workspace_mib=2048)
-    runner = TensorRTRunner(ModelFile.of(plan), precision=precision, built_for=built_for)
+    try:
+        built_for = build_plan(source, plan, precision, workspace_mib=2048, timing_cache_dir=folder)
+        runner = TensorRTRunner(ModelFile.of(plan), precision=precision, built_for=built_for, cuda_binding=cuda_binding)
+    except RunnerError as e:
+        raise Skip(str(e)) from None
 
     def run(x):
         out = runner.infer(x)
@@ -210,6 +227,13 @@ def environment(device: str) -> list[str]:
             lines.append(f"{mod} {m.__version__}{extra}")
         except ImportError:
             lines.append(f"{mod}: not installed")
+    from liverkd.deploy.device_info import device_facts
+
+    packages = device_facts()["packages"]
+    bindings = [
+        f"{p} {packages[p]}" for p in ("cuda-python", "cuda-bindings", "pycuda") if packages[p] != "not installed"
+    ]
+    lines.append(f"CUDA bindings (TensorRT rows): {', '.join(bindings) or 'none installed'}")
     return lines
 
 
@@ -227,6 +251,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     ap.add_argument("--budget-s", type=float, default=270.0, help="skip what is left after this many seconds")
     ap.add_argument("--out", type=Path, default=None, help="write the table as markdown here")
+    ap.add_argument("--cuda-binding", default="auto", help="the TensorRT rows' CUDA binding: auto, cuda-python, pycuda")
     args = ap.parse_args(argv)
 
     import torch
@@ -254,7 +279,11 @@ def main(argv=None) -> int:
     rows, skipped = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        plan = [(name, label, make) for name, model in models for label, make in variants(name, model, device, tmp)]
+        plan = [
+            (name, label, make)
+            for name, model in models
+            for label, make in variants(name, model, device, tmp, args.cuda_binding)
+        ]
         if not args.no_compile:  # slowest to start: after everything else, within the time budget
             plan += [(name, "torch.compile fp16", lambda m=model: _compiled(m, device)) for name, model in models]
         params = {name: count_params(model) for name, model in models}
@@ -293,7 +322,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def variants(name, model, device, tmp):
+def variants(name, model, device, tmp, cuda_binding="auto"):
     """(label, make) pairs; make() returns a runner or raises Skip. The first is the reference."""
 
     def onnx_file():
@@ -310,8 +339,8 @@ def variants(name, model, device, tmp):
         ("onnxruntime CUDA fp16", lambda: ort_runner(fp16_onnx(onnx_file()), "CUDAExecutionProvider")),
         ("onnxruntime TensorRT EP fp32", lambda: ort_runner(onnx_file(), "TensorrtExecutionProvider")),
         ("onnxruntime CPU fp32", lambda: ort_runner(onnx_file(), "CPUExecutionProvider")),
-        ("TensorRT fp32", lambda: tensorrt_runner(onnx_file(), "fp32", tmp)),
-        ("TensorRT fp16", lambda: tensorrt_runner(onnx_file(), "fp16", tmp)),
+        ("TensorRT fp32", lambda: tensorrt_runner(onnx_file(), "fp32", tmp, cuda_binding)),
+        ("TensorRT fp16", lambda: tensorrt_runner(onnx_file(), "fp16", tmp, cuda_binding)),
     ]
 
 

@@ -271,7 +271,7 @@ def check_folders(inbox: Path, outbox: Path, inputs: list[Input]) -> list[str]:
     stats = {p.name.removesuffix("_liver.json"): p for p in outbox.glob("*_liver.json")}
     if masks != set(stats):
         problems.append(f"{len(masks ^ set(stats))} masks without stats or stats without a mask")
-    sources = collections.Counter(json.loads(p.read_text())["input"]["name"] for p in stats.values())
+    sources = collections.Counter(json.loads(p.read_text())["input"] for p in stats.values())
     if sources != collections.Counter(i.name for i in inputs if i.good):
         problems.append(f"{len(masks)} masks in the outbox, expected exactly one per good input")
     left = [p.name for p in _files(inbox) if p.is_file()] + [p.name for p in work.glob("*")]

@@ -6,6 +6,7 @@ a failed export, calibration, TensorRT build or accuracy gate leaves no bundle b
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -28,6 +29,7 @@ from liverkd.deploy.bundle import (
     Calibration,
     EngineMeta,
     FileRecord,
+    ModelFile,
     Source,
     SpeedCheck,
     TensorInfo,
@@ -49,16 +51,16 @@ class BuildError(LiverkdError, ValueError):
     """The bundle cannot be built. str() is one line naming the file or option."""
 
 
-def choose_backend(requested: str) -> tuple[str, str]:
-    """(backend, why in a few words). auto = TensorRT when it and a GPU are present."""
+def choose_backend(requested: str, cuda_binding: str = "auto") -> tuple[str, str]:
+    """(backend, why in a few words). auto = TensorRT when it, a CUDA binding and a GPU are present."""
     from liverkd.deploy.backends.tensorrt import target_here, tensorrt_available
 
     if requested == "onnxruntime":
         return "onnxruntime", "asked for with --backend onnxruntime"
-    ok, why = tensorrt_available()
+    ok, why = tensorrt_available(cuda_binding)
     if ok:
-        here = target_here()
-        return "tensorrt", f"TensorRT {here['version']} and {here['gpu_name']} found"
+        here = target_here(cuda_binding)
+        return "tensorrt", f"TensorRT {here.version} and {here.gpu_name} found"
     if requested == "tensorrt":
         raise BuildError(f"--backend tensorrt: {why}")
     return "onnxruntime", f"no TensorRT build here: {why}"
@@ -74,6 +76,7 @@ def build_engine(
     backend: str = "auto",
     workspace_mib: int = 1024,
     min_agreement: float = 0.995,
+    cuda_binding: str = "auto",
     log: Callable[[str], None] = print,
 ) -> Bundle:
     """Build the bundle at `out`; returns it loaded. Raises BuildError (nothing written) on failure."""
@@ -100,7 +103,7 @@ def build_engine(
                 )
             calib_data = DEFAULT_CALIB_DATA
         calib_files = C.calibration_files(calib_data)
-    backend, why = choose_backend(backend)
+    backend, why = choose_backend(backend, cuda_binding)
     log(f"backend: {backend} ({why})")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".building", dir=out.parent))
@@ -116,6 +119,7 @@ def build_engine(
             calib_method,
             workspace_mib,
             min_agreement,
+            cuda_binding,
             log,
         )
         _move_into_place(tmp, out)
@@ -126,7 +130,18 @@ def build_engine(
 
 
 def _build_into(
-    tmp, out, source, precision, backend, calib_files, calib_data, calib_method, workspace_mib, min_agreement, log
+    tmp,
+    out,
+    source,
+    precision,
+    backend,
+    calib_files,
+    calib_data,
+    calib_method,
+    workspace_mib,
+    min_agreement,
+    cuda_binding,
+    log,
 ) -> None:
     """Every file into `tmp`, then the accuracy gate, then engine.json: written last, only when the gate passed."""
     files = {"onnx": "model.onnx"}
@@ -177,7 +192,7 @@ def _build_into(
                 tmp / "model.plan",
                 precision,
                 workspace_mib=workspace_mib,
-                timing_cache=out.parent / ".trt-timing.cache",
+                timing_cache_dir=out.parent,
             )
         except RunnerError as e:
             raise BuildError(str(e)) from None
@@ -197,7 +212,15 @@ def _build_into(
         built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     gate_inputs, gate_names = _gate_inputs(gate_files, spec)
-    accuracy, speed = accuracy_gate(Bundle(tmp, meta), backend, gate_inputs, gate_names, min_agreement)
+    fp32_plan = contextlib.nullcontext()
+    if backend == "tensorrt" and precision != "fp32":  # the speed check's fp32, on the same GPU
+        fp32_plan = _fp32_plan_runner(
+            tmp / "model.onnx", model_input.shape, workspace_mib, out.parent, cuda_binding, log
+        )
+    with fp32_plan as fp32_same_backend:
+        accuracy, speed = accuracy_gate(
+            Bundle(tmp, meta), backend, gate_inputs, gate_names, min_agreement, fp32_same_backend, cuda_binding
+        )
     log(
         f"accuracy gate: Dice vs fp32 min {accuracy.dice_min:.4f} (mean {accuracy.dice_mean:.4f}) on "
         f"{len(gate_names)} volume(s), argmax agreement {accuracy.argmax_agreement:.4%}, "
@@ -265,13 +288,33 @@ def _io_of(onnx_path: Path) -> tuple[TensorInfo, TensorInfo]:
 
 def _plan_source(files: dict, precision: str) -> str:
     """The ONNX file TensorRT builds from: precision in the file on TRT >= 10 (strongly typed)."""
-    import tensorrt as trt
+    from liverkd.deploy.backends.tensorrt import import_tensorrt, plan_onnx_role
 
-    if precision == "int8":
-        return files["onnx_int8"]
-    if precision == "fp16" and int(trt.__version__.split(".")[0]) >= 10:
-        return files["onnx_fp16"]
-    return files["onnx"]  # fp32, or fp16 by builder flag on TensorRT < 10
+    return files[plan_onnx_role(precision, import_tensorrt().__version__)]
+
+
+@contextlib.contextmanager
+def _fp32_plan_runner(onnx_path, input_shape, workspace_mib, cache_dir, cuda_binding, log):
+    """A TensorRT fp32 plan of `onnx_path` (built in a temp folder, never part of the bundle), opened: the speed
+    check's fp32 for a TensorRT fp16/int8 bundle, so "slower than fp32" compares two plans on one GPU."""
+    from liverkd.deploy.backends.tensorrt import TensorRTRunner, build_plan
+
+    log("building an fp32 TensorRT plan for the speed check (not kept)")
+    with tempfile.TemporaryDirectory(prefix="liverkd-fp32-plan-") as work:
+        plan = Path(work) / "fp32.plan"
+        try:
+            target = build_plan(onnx_path, plan, "fp32", workspace_mib=workspace_mib, timing_cache_dir=cache_dir)
+            runner = TensorRTRunner(
+                ModelFile.of(plan),
+                precision="fp32",
+                input_shape=input_shape,
+                built_for=target,
+                cuda_binding=cuda_binding,
+            )
+        except RunnerError as e:
+            raise BuildError(f"{onnx_path}: the fp32 plan for the speed check failed ({e})") from None
+        with runner:
+            yield runner
 
 
 def _gate_inputs(held_out: list[Path], spec: PreprocessSpec) -> tuple[list[np.ndarray], list[str]]:
@@ -280,23 +323,33 @@ def _gate_inputs(held_out: list[Path], spec: PreprocessSpec) -> tuple[list[np.nd
     return [C.phantom_input(spec, s) for s in GATE_PHANTOM_SEEDS], [f"phantom seed {s}" for s in GATE_PHANTOM_SEEDS]
 
 
-def accuracy_gate(bundle: Bundle, backend: str, inputs, names, min_agreement: float):
-    """(AccuracyCheck, SpeedCheck): the built model against the fp32 model.onnx on ONNX Runtime CPU,
-    on held-out inputs (deploy.compare): Dice of the liver masks, argmax agreement, max logit error,
-    and the median latency of each (the speed warning's evidence), timed interleaved."""
+def accuracy_gate(
+    bundle: Bundle, backend: str, inputs, names, min_agreement: float, fp32_same_backend=None, cuda_binding="auto"
+):
+    """(AccuracyCheck, SpeedCheck). Accuracy: the built model against the fp32 model.onnx on ONNX Runtime
+    CPU, on held-out inputs (deploy.compare): Dice of the liver masks, argmax agreement, max logit error.
+    Speed: the built model's median latency against fp32 on the SAME backend and device (the speed
+    warning's evidence): ONNX Runtime CPU's fp32 for an onnxruntime bundle, `fp32_same_backend` (a
+    TensorRT fp32 plan) for a TensorRT fp16/int8 bundle, the plan itself for a TensorRT fp32 one.
+    Every runner is timed interleaved, call by call."""
     liver = int(bundle.spec.labels.get("liver", 1))
     same_model = bundle.precision == "fp32" and backend == "onnxruntime"  # the reference itself: run it once
+    if backend != "onnxruntime" and bundle.precision != "fp32" and fp32_same_backend is None:
+        raise BuildError(f"{bundle.path}: the speed check needs an fp32 runner on {backend} (fp32_same_backend)")
+    options = {"cuda_binding": cuda_binding} if backend == "tensorrt" else {}
     try:
-        with open_runner(bundle, "onnxruntime", precision="fp32") as reference:
-            if same_model:
-                runs = run({"fp32": reference}, inputs, rounds=TIMED_RUNS)
-                runs["built"], built_name = runs["fp32"], reference.describe()
-            else:
-                with open_runner(bundle, backend) as built:
-                    runs = run({"fp32": reference, "built": built}, inputs, rounds=TIMED_RUNS)
-                    built_name = built.describe()
+        with contextlib.ExitStack() as stack:
+            runners = {"fp32": stack.enter_context(open_runner(bundle, "onnxruntime", precision="fp32"))}
+            if not same_model:
+                runners["built"] = stack.enter_context(open_runner(bundle, backend, **options))
+            if fp32_same_backend is not None:
+                runners["fp32 here"] = fp32_same_backend
+            built_name = runners.get("built", runners["fp32"]).describe()
+            runs = run(runners, inputs, rounds=TIMED_RUNS)
     except (RunnerError, BundleError) as e:
         raise BuildError(f"{bundle.path}: accuracy gate could not run the built model ({e})") from None
+    runs.setdefault("built", runs["fp32"])
+    speed_fp32 = runs.get("fp32 here") or (runs["fp32"] if backend == "onnxruntime" else runs["built"])
     agreement = compare(runs["fp32"].outputs, runs["built"].outputs, liver)
     accuracy = AccuracyCheck(
         reference="model.onnx (fp32) on onnxruntime cpu",
@@ -310,7 +363,7 @@ def accuracy_gate(bundle: Bundle, backend: str, inputs, names, min_agreement: fl
         min_agreement=min_agreement,
         passed=agreement.dice_min >= min_agreement,
     )
-    fp32_ms, built_ms = runs["fp32"].median_ms, runs["built"].median_ms
+    fp32_ms, built_ms = speed_fp32.median_ms, runs["built"].median_ms
     speed = SpeedCheck(
         device=built_name,
         fp32_ms=fp32_ms,

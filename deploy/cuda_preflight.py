@@ -1,5 +1,7 @@
 """Is there a working CUDA driver and GPU here? Asked through libcuda with ctypes, no packages.
 
+It needs no CUDA binding, so it runs before either is imported (backends/cuda_adapter.py).
+
 TensorRT must not be touched without this: on a machine with no driver,
 `trt.Runtime(...).deserialize_cuda_engine` can crash the process instead of raising.
 """
@@ -10,6 +12,7 @@ import ctypes
 from dataclasses import dataclass
 
 _CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT = 16
+_CU_DEVICE_ATTRIBUTE_INTEGRATED = 18
 _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75
 _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76
 _LIBCUDA_NAMES = ("libcuda.so.1", "libcuda.so", "nvcuda.dll")
@@ -22,6 +25,7 @@ class CudaDevice:
     compute_capability: str  # "9.0"
     driver_version: str  # "12.4"
     sm_count: int = 0  # streaming multiprocessors (0: not read)
+    integrated: bool = False  # the GPU shares the host's memory (a Jetson)
 
 
 @dataclass(frozen=True)
@@ -46,10 +50,12 @@ def _libcuda():
 
 
 def preflight() -> Preflight:
-    """cuInit + cuDeviceGetCount + name, compute capability and SM count of each device; never raises."""
+    """cuInit + cuDeviceGetCount + name, compute capability, SM count, integrated of each device; never raises."""
     lib = _libcuda()
     if lib is None:
-        return Preflight(False, "no CUDA driver (libcuda.so.1 not found)")
+        return Preflight(
+            False, "no CUDA driver (libcuda.so.1 not found: it comes with the NVIDIA driver, on a Jetson with JetPack)"
+        )
     try:
         err = lib.cuInit(0)
         if err != 0:
@@ -70,10 +76,12 @@ def preflight() -> Preflight:
             major, minor = ctypes.c_int(0), ctypes.c_int(0)
             lib.cuDeviceGetAttribute(ctypes.byref(major), _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev)
             lib.cuDeviceGetAttribute(ctypes.byref(minor), _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev)
-            sms = ctypes.c_int(0)
+            sms, integrated = ctypes.c_int(0), ctypes.c_int(0)
             lib.cuDeviceGetAttribute(ctypes.byref(sms), _CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev)
+            lib.cuDeviceGetAttribute(ctypes.byref(integrated), _CU_DEVICE_ATTRIBUTE_INTEGRATED, dev)
             label = name.value.decode(errors="replace")
-            devices.append(CudaDevice(i, label, f"{major.value}.{minor.value}", driver, sms.value))
+            cc = f"{major.value}.{minor.value}"
+            devices.append(CudaDevice(i, label, cc, driver, sms.value, bool(integrated.value)))
         return Preflight(True, "", tuple(devices))
     except (AttributeError, OSError) as e:  # a libcuda without these symbols
         return Preflight(False, f"unusable CUDA driver library ({e})")

@@ -15,6 +15,7 @@ from pathlib import Path
 UNKNOWN = "unknown"
 _GPU_FIELDS = ("name", "driver_version", "clocks.sm", "clocks.mem", "clocks.max.sm", "memory.total", "pstate")
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE")
+_PACKAGES = ("numpy", "scipy", "nibabel", "onnxruntime", "tensorrt", "torch", "cuda-python", "cuda-bindings", "pycuda")
 
 
 def _run(cmd: list[str], timeout: float = 10.0) -> str | None:
@@ -87,6 +88,22 @@ def gpu_memory_used_mib(pid: int | None = None) -> float | None:
     return used
 
 
+def cuda_facts() -> list[dict]:
+    """One dict per GPU the CUDA driver sees (ctypes, no binding; also where nvidia-smi is absent); [] when none."""
+    from liverkd.deploy.cuda_preflight import preflight
+
+    return [
+        {
+            "name": d.name,
+            "compute_capability": d.compute_capability,
+            "sm_count": d.sm_count,
+            "integrated": d.integrated,
+            "driver_cuda": d.driver_version,
+        }
+        for d in preflight().devices
+    ]
+
+
 def is_jetson() -> bool:
     model = _read("/proc/device-tree/model") or ""
     return Path("/etc/nv_tegra_release").exists() or "jetson" in model.lower()
@@ -136,8 +153,9 @@ def device_facts() -> dict:
         "python": platform.python_version(),
         "cpu": cpu_facts(),
         "gpus": gpu_facts(),
+        "cuda": cuda_facts(),
         "jetson": jetson_facts(),
-        "packages": {p: _version(p) for p in ("numpy", "scipy", "nibabel", "onnxruntime", "tensorrt", "torch")},
+        "packages": {p: _version(p) for p in _PACKAGES},
         "env": {k: os.environ[k] for k in _THREAD_VARS if k in os.environ},
     }
 
@@ -154,6 +172,12 @@ def describe(facts: dict) -> list[str]:
             )
     else:
         lines.append("GPU: none (nvidia-smi not found or no GPU)")
+    for c in facts.get("cuda", []):
+        kind = "integrated" if c["integrated"] else "discrete"
+        lines.append(
+            f"CUDA: {c['name']}, compute {c['compute_capability']}, {c['sm_count']} SMs, {kind}, "
+            f"driver CUDA {c['driver_cuda']}"
+        )
     if facts["jetson"]:
         j = facts["jetson"]
         lines.append(f"Jetson: {j['board']}, nvpmodel {j['nvpmodel']}, jetson_clocks {j['jetson_clocks']}")
@@ -161,6 +185,12 @@ def describe(facts: dict) -> list[str]:
     lines.append(
         f"Python {facts['python']}, numpy {pk['numpy']}, onnxruntime {pk['onnxruntime']}, tensorrt {pk['tensorrt']}"
     )
+    bindings = [
+        f"{p} {pk[p]}"
+        for p in ("cuda-python", "cuda-bindings", "pycuda")
+        if pk.get(p, "not installed") != "not installed"
+    ]
+    lines.append(f"CUDA bindings: {', '.join(bindings) or 'none installed'}")
     if facts["env"]:
         lines.append("env: " + " ".join(f"{k}={v}" for k, v in facts["env"].items()))
     return lines

@@ -28,7 +28,7 @@ from liverkd.core.timing import RUNNER_STAGES, STAGES, Clock
 from liverkd.deploy.backends.base import open_runner
 from liverkd.deploy.bundle import Bundle
 
-__all__ = ["STAGES", "Segmentation", "SegmentResult", "Segmenter"]
+__all__ = ["STAGES", "Segmentation", "SegmentResult", "Segmenter", "stats_record"]
 CT_DTYPES = {np.dtype(t) for t in ("int16", "uint16", "int32", "float32")}
 ANISOTROPY_WARN = 3.0
 """Warn when the largest voxel side is more than this times the smallest."""
@@ -55,6 +55,35 @@ class Segmentation:
     @property
     def liver_ml(self) -> float:
         return self.liver_voxels * float(np.prod(self.volume.spacing)) / 1000.0
+
+    @property
+    def mean_hu(self) -> float | None:
+        """Mean input intensity inside the mask (HU for CT); None when the mask is empty."""
+        voxels = self.liver_voxels
+        if not voxels:
+            return None
+        return float(np.sum(self.volume.array, where=self.mask.view(bool), dtype=np.float64)) / voxels
+
+
+STATS_FORMAT, STATS_VERSION = "liverkd-stats", 1
+
+
+def stats_record(seg: Segmentation, *, input: str, output: str, engine: str, timings: dict, **extra) -> dict:
+    """The one stats JSON schema, for `infer --stats` and the runner (which adds its own `extra` keys)."""
+    return {
+        "format": STATS_FORMAT,
+        "version": STATS_VERSION,
+        "input": input,
+        "output": output,
+        "engine": engine,
+        "liver_ml": seg.liver_ml,
+        "liver_voxels": seg.liver_voxels,
+        "mean_hu": seg.mean_hu,
+        "spacing_mm": list(seg.volume.spacing),
+        "warnings": list(seg.warnings),
+        "timings": {k: round(v, 6) for k, v in timings.items()},  # in pipeline order (STAGES)
+        **extra,
+    }
 
 
 @dataclass
@@ -94,17 +123,18 @@ def sidecar_path(out_path, ext: str) -> Path:
     return out_path.with_name(strip_nifti_suffix(out_path.name) + ext)
 
 
-def read_input(path) -> V.Volume:
-    """A NIfTI file, or a folder holding one DICOM series (converted in memory)."""
+def read_input(path, grid_spacing=None) -> V.Volume:
+    """A NIfTI file, or a folder holding one DICOM series (converted in memory). `grid_spacing`: the
+    spacing it will be resampled to; that grid is held to V.MAX_GRID_VOXELS before any voxel is read."""
     path = Path(path)
     if not path.is_dir():
-        return V.load(path)
+        return V.load(path, grid_spacing=grid_spacing)
     from liverkd.deploy.dicom import read_series
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        img = read_series(path)
-    vol = V.from_image(img, path)
+        img = read_series(path, grid_spacing=grid_spacing)
+    vol = V.from_image(img, path, grid_spacing=grid_spacing)
     for w in caught:  # pass them on, and keep DICOM's own notes with the volume
         if issubclass(w.category, V.VolumeWarning):
             vol.warnings.insert(0, str(w.message).removeprefix(f"{path}: "))
@@ -113,17 +143,39 @@ def read_input(path) -> V.Volume:
 
 
 def mask_image(mask: np.ndarray, vol: V.Volume) -> nib.Nifti1Image:
-    """The mask on `vol`'s geometry. The input's display range (cal_min/max) and intent describe
-    CT intensities, not a 0/1 label map (a viewer would show the mask black), so they are reset."""
+    """The mask on `vol`'s geometry, with none of the input header's extensions, free text or intent
+    (V.to_nifti). The input's display range (cal_min/max) describes CT intensities, not a 0/1 label
+    map (a viewer would show the mask black), so it is reset."""
     img = V.to_nifti(mask, vol.affine, vol.header)
     img.header["cal_min"] = 0
     img.header["cal_max"] = 0
-    img.header.set_intent("none")
     return img
 
 
-def check_output(out_path, in_path=None) -> Path:
-    """Refuse an output that cannot be written, before any work is done."""
+def input_ids(path) -> set[tuple[int, int]]:
+    """(st_dev, st_ino) of a file, or of every file in a folder (a DICOM series): what no output may replace.
+
+    Identities, not names: a hard link, a symlink or a bind mount of an input is the input."""
+    path = Path(path)
+    try:
+        files = [p for p in path.iterdir() if p.is_file()] if path.is_dir() else [path]
+    except OSError:
+        return set()
+    ids = set()
+    for p in files:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        ids.add((st.st_dev, st.st_ino))
+    return ids
+
+
+def check_output(out_path, in_path=None, *, overwrite: bool = True, inputs=frozenset()) -> Path:
+    """Refuse an output that cannot or must not be written, before any work is done.
+
+    Never the input (`in_path`) or any file in `inputs` (input_ids of the run's other inputs), even
+    with `overwrite`; another existing file only with `overwrite` (`liverkd infer` says no by default)."""
     out_path = Path(out_path)
     folder = out_path.parent
     if not folder.is_dir():
@@ -132,8 +184,14 @@ def check_output(out_path, in_path=None) -> Path:
         raise V.VolumeError(out_path, f"output folder {folder} is not writable")
     if out_path.is_dir():
         raise V.VolumeError(out_path, "output path is a folder")
-    if in_path is not None and Path(in_path).exists() and out_path.resolve() == Path(in_path).resolve():
-        raise V.VolumeError(out_path, "output would overwrite the input")
+    try:
+        st = os.stat(out_path)
+    except FileNotFoundError:
+        return out_path
+    if (st.st_dev, st.st_ino) in set(inputs) | (input_ids(in_path) if in_path is not None else set()):
+        raise V.VolumeError(out_path, "output would overwrite an input of this run (the same file); never done")
+    if not overwrite:
+        raise V.VolumeError(out_path, "output exists; not overwritten (--overwrite replaces it)")
     return out_path
 
 
@@ -171,34 +229,46 @@ class Segmenter:
         """Volume in -> Segmentation (mask on the volume's grid, timings, warnings)."""
         return self._segment(vol, Clock())
 
-    def segment_file(self, in_path, out_path=None, stats: bool = False, preview: bool = False) -> SegmentResult:
+    def segment_file(
+        self, in_path, out_path=None, stats: bool = False, preview: bool = False, *, overwrite=True, inputs=()
+    ) -> SegmentResult:
         """Read a NIfTI file (or DICOM series folder), segment, and write the mask atomically.
 
         Default output: `<input>_liver.nii.gz` beside the input. With `stats`, a JSON beside
         the mask (liver volume, mean HU, warnings, timings); with `preview`, a PNG.
+        No output replaces the input or a file in `inputs` (input_ids of the other inputs of a run);
+        an existing file only with `overwrite` (check_output).
         Raises liverkd.core.volume.VolumeError on a bad input or an unwritable output; nothing
         is left behind then.
         """
         clock = Clock()
         in_path = Path(in_path)
-        out_path = check_output(Path(out_path) if out_path is not None else output_path_for(in_path), in_path)
+        out_path = Path(out_path) if out_path is not None else output_path_for(in_path)
+        sidecars = [sidecar_path(out_path, ext) for ext, wanted in ((".json", stats), (".png", preview)) if wanted]
+        outputs = [out_path, *sidecars]
+
+        def check_outputs():
+            for path in outputs:
+                check_output(path, in_path, overwrite=overwrite, inputs=inputs)
+
+        check_outputs()
         with clock.stage("read"):
-            vol = read_input(in_path)
+            vol = read_input(in_path, self.spec.spacing)
         seg = self._segment(vol, clock)
         mask = seg.mask
         with clock.stage("resample_back"):
             img = seg.image
         with clock.stage("postprocess"):
-            voxels = seg.liver_voxels
             result = SegmentResult(
                 input=str(in_path),
                 output=str(out_path),
                 liver_ml=seg.liver_ml,
                 warnings=seg.warnings,
-                liver_voxels=voxels,
-                mean_hu=float(np.sum(vol.array, where=mask.view(bool), dtype=np.float64)) / voxels if voxels else None,
+                liver_voxels=seg.liver_voxels,
+                mean_hu=seg.mean_hu,
             )
         with clock.stage("write"):
+            check_outputs()  # again: a file may have appeared there while this one was segmented
             V.save(img, out_path)
             if preview:
                 from liverkd.viz import write_preview
@@ -210,7 +280,8 @@ class Segmenter:
                 result.stats = str(sidecar_path(out_path, ".json"))
         result.timings = clock.timings()
         if stats:
-            facts = {**result.to_dict(), "engine": self.describe(), "spacing_mm": list(vol.spacing)}
+            facts = stats_record(seg, input=result.input, output=result.output, engine=self.describe(),
+                                 timings=result.timings, preview=result.preview)  # fmt: skip
             write_text(result.stats, json.dumps(facts, indent=2) + "\n")  # unsorted: stages in pipeline order
         return result
 

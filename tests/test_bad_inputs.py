@@ -88,9 +88,9 @@ def absurd_dims(tmp):
 
 
 def lying_gzip_dims(tmp):
-    """Under the voxel limit (1.6e9) but far more than the small gzip can hold: refused before allocating."""
+    """Under the voxel limit (0.9e9) but far more than the small gzip can hold: refused before allocating."""
     img = nib.Nifti1Image(synthetic_ct((16, 16, 16)), np.eye(4))
-    img.header.set_data_shape((2000, 2000, 400))
+    img.header.set_data_shape((1500, 1500, 400))
     raw = img.header.binaryblock + b"\0" * 4 + np.asarray(img.dataobj).tobytes(order="F")
     import gzip
 
@@ -271,7 +271,7 @@ def _odd_inputs(tmp):
         "four_d.nii.gz": (nifti(np.stack([ct, ct], axis=-1)), "4-D image"),
         "lps.nii.gz": (nifti(ct, affine=lps), "orientation LPS"),
         "oblique.nii.gz": (nifti(ct, affine=oblique), "oblique"),
-        "aniso.nii.gz": (nifti(ct[:, :, ::4].copy(), affine=np.diag([1.5, 1.5, 24.0, 1.0])), "anisotropic"),
+        "aniso.nii.gz": (nifti(ct[:, :, ::2].copy(), affine=np.diag([1.5, 1.5, 12.0, 1.0])), "anisotropic"),
         "int8.nii.gz": (nifti(np.clip(ct // 10, -128, 127).astype(np.int8)), "voxel type int8"),
         "float64.nii.gz": (nifti(ct.astype(np.float64)), "voxel type float64"),
         "mr.nii.gz": (nifti(mr), "do not look like CT"),

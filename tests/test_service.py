@@ -64,7 +64,7 @@ def test_once_good_and_corrupt_inputs(tmp_path, engine, phantoms):
     assert mask.shape == image.shape and np.allclose(mask.affine, image.affine)
     assert mask.get_data_dtype() == np.uint8
     stats = json.loads((box.outbox / "good_0_liver.json").read_text())
-    assert stats["input"]["name"] == "good_0.nii.gz" and stats["liver_ml"] >= 0 and "network" in stats["timings"]
+    assert stats["input"] == "good_0.nii.gz" and stats["liver_ml"] >= 0 and "network" in stats["timings"]
 
     errors = {b: json.loads((box.inbox / "failed" / f"{b}.error.json").read_text()) for b in bad}
     for name, err in errors.items():
@@ -117,14 +117,14 @@ def test_same_names_never_replace_inputs_or_outputs(tmp_path, engine):
     assert sorted(nib.load(box.inbox / "done" / n).shape for n in done) == sorted(shapes.values())
 
     stats = box.stats()
-    assert sorted(s["input"]["name"] for s in stats) == ["a.nii", "a.nii.gz", "ct.nii.gz", "ct.nii.gz"]
+    assert sorted(s["input"] for s in stats) == ["a.nii", "a.nii.gz", "ct.nii.gz", "ct.nii.gz"]
     masks = sorted(p.name for p in box.outbox.glob("*_liver.nii.gz"))
     assert len(masks) == 4 and masks[:2] == ["a_liver.nii.gz", masks[1]] and masks[1].startswith("a~")
     assert masks[2:] == ["ct_liver.nii.gz", f"ct~{claim}_liver.nii.gz"]
     assert nib.load(box.outbox / "a_liver.nii.gz").shape == shapes["a.nii"]
     assert nib.load(box.outbox / masks[1]).shape == shapes["a.nii.gz"]
     by_claim = {s["claim"]: s for s in stats}
-    assert by_claim[claim]["input"]["name"] == "ct.nii.gz"
+    assert by_claim[claim]["input"] == "ct.nii.gz"
     assert nib.load(box.outbox / f"ct~{claim}_liver.nii.gz").shape == shapes["second"]  # paired with its input
     assert nib.load(box.outbox / "ct_liver.nii.gz").shape == shapes["first"]  # the first one's, untouched
 
@@ -147,7 +147,7 @@ def test_names_at_the_length_limit(tmp_path, engine, phantoms):
     assert json.loads((box.inbox / "failed" / f"{cut}.nii.gz.error.json").read_text())["input"] == bad
     masks = [p for p in box.outbox.glob("*_liver.nii.gz")]
     assert len(masks) == 3 and all(len(p.name) <= 255 for p in masks)
-    assert sorted(s["input"]["name"] for s in box.stats()) == sorted([n240, n255a, n255b])
+    assert sorted(s["input"] for s in box.stats()) == sorted([n240, n255a, n255b])
     assert (box.outbox / (n240.removesuffix(".nii.gz") + "_liver.nii.gz")).is_file()
 
 

@@ -115,7 +115,7 @@ def test_symlinks_are_never_followed(tmp_path, engine):
     assert (box.inbox / "link.nii.gz").is_symlink() and box.names("done") == ["case.nii.gz"]
     assert all((box.outbox / n).is_symlink() for n in ("case_liver.nii.gz", "case_liver.json"))
     (stats,) = box.stats()
-    assert stats["input"]["name"] == "case.nii.gz"
+    assert stats["input"] == "case.nii.gz"
     assert (box.outbox / f"case~{stats['claim']}_liver.nii.gz").is_file()
     assert not box.status.is_symlink() and box.state()["state"] == "stopped"
     assert (box.root / ".status.json.tmp").is_symlink()
@@ -164,7 +164,7 @@ def test_unwritable_outbox_keeps_the_input_and_delivers_later(tmp_path, engine):
     wait_for(lambda: len(box.names("done")) == 2, proc)
     assert stop(proc, signal.SIGTERM) == 0
     assert box.names("failed") == [] and box.claimed() == []
-    assert sorted(s["input"]["name"] for s in box.stats()) == ["ct.nii.gz", "ct.nii.gz"]
+    assert sorted(s["input"] for s in box.stats()) == ["ct.nii.gz", "ct.nii.gz"]
     shapes = sorted(nib.load(p).shape for p in box.outbox.glob("*_liver.nii.gz"))
     assert shapes == [(32, 32, 32), (40, 36, 28)]
 
@@ -258,7 +258,7 @@ def test_runners_sharing_an_outbox(tmp_path, engine):
     names = sorted(os.listdir(outbox))
     assert names[:2] == foreign[::-1] and len(names) == 6
     stats = boxes[0].stats()
-    assert sorted(s["input"]["name"] for s in stats) == ["ct.nii.gz", "ct.nii.gz"]
+    assert sorted(s["input"] for s in stats) == ["ct.nii.gz", "ct.nii.gz"]
     assert "ct_liver.nii.gz" in names and "ct_liver.json" in names
     assert sorted(nib.load(p).shape for p in outbox.glob("*_liver.nii.gz")) == shapes
 

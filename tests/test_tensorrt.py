@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,41 +152,93 @@ def test_tensorrt_build_and_run(tmp_path, precision):
         assert all(v > 0 for v in runner.last_timings.values())
 
 
-def cuda_python() -> tuple[bool, str]:
-    if not preflight().ok:
-        return False, f"needs a CUDA GPU: {preflight().reason}"
-    try:
-        T._cudart()
-    except RunnerError as e:
-        return False, str(e)
-    return True, ""
+def test_tensorrt_runner_without_a_binding_is_one_line(fp32_bundle, tmp_path):
+    """`--backend tensorrt` at inference: the plan is intact, then the missing binding (and TensorRT) in one line."""
+    from liverkd.deploy.backends.cuda_adapter import installed_bindings
+
+    if installed_bindings():
+        pytest.skip(f"a CUDA binding is installed here: {installed_bindings()}")
+    bundle = with_plan(fp32_bundle, tmp_path, PLAN)
+    with pytest.raises(RunnerError) as e:
+        open_runner(bundle, "tensorrt")
+    assert str(e.value).startswith("no CUDA binding: pip install cuda-python") and "\n" not in str(e.value)
+    with pytest.raises(RunnerError, match="--cuda-binding pycuda: pycuda is not installed"):
+        open_runner(bundle, "tensorrt", cuda_binding="pycuda")
 
 
-@pytest.mark.gpu
-def test_cuda_calls_the_tensorrt_runner_makes(tmp_path):
-    """The runner's device plumbing without a plan: stream, buffers, async copies, events.
+@pytest.mark.parametrize(
+    ("precision", "version", "role"),
+    [
+        ("fp32", "8.6.1", "onnx"),
+        ("fp16", "8.6.1", "onnx"),  # weakly typed: the FP16 builder flag
+        ("fp16", "10.3.0", "onnx_fp16"),  # strongly typed: the FP16 flag would be ignored
+        ("fp16", "11.4.0", "onnx_fp16"),
+        ("int8", "8.6.1", "onnx_int8"),
+        ("int8", "10.13.0", "onnx_int8"),
+    ],
+)
+def test_the_onnx_each_plan_is_built_from(precision, version, role):
+    assert T.plan_onnx_role(precision, version) == role
 
-    Runs wherever CUDA and cuda-python are (TensorRT not needed), so the calls the runner
-    makes around execute_async_v3 are checked on GPU machines that lack TensorRT."""
-    ok, why = cuda_python()
-    if not ok:
-        pytest.skip(why)
-    cudart = T._cudart()
-    call = T.cuda_call
-    x = np.random.default_rng(0).random((1, 1, 32, 32, 32), dtype=np.float32)
-    back = np.empty_like(x)
-    stream = call(cudart.cudaStreamCreate())
-    assert isinstance(int(stream), int)  # execute_async_v3 takes the stream as an int
-    buf = call(cudart.cudaMalloc(x.nbytes))
-    events = [call(cudart.cudaEventCreate()) for _ in range(3)]
-    h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-    call(cudart.cudaEventRecord(events[0], stream))
-    call(cudart.cudaMemcpyAsync(buf, x.ctypes.data, x.nbytes, h2d, stream))
-    call(cudart.cudaEventRecord(events[1], stream))
-    call(cudart.cudaMemcpyAsync(back.ctypes.data, buf, x.nbytes, d2h, stream))
-    call(cudart.cudaEventRecord(events[2], stream))
-    call(cudart.cudaEventSynchronize(events[2]))
-    ms = [call(cudart.cudaEventElapsedTime(a, b)) for a, b in zip(events, events[1:])]
-    assert np.array_equal(back, x) and all(m >= 0 for m in ms)
-    call(cudart.cudaFree(buf))
-    call(cudart.cudaStreamDestroy(stream))
+
+def test_timing_cache_is_named_by_tensorrt_version_and_gpu():
+    name = T.timing_cache_file("engines", "10.3.0", "8.7")
+    assert name == Path("engines/.trt-timing-10.3.0-sm87.cache")
+    assert (
+        len({name, T.timing_cache_file("engines", "10.13.0", "8.7"), T.timing_cache_file("engines", "10.3.0", "9.0")})
+        == 3
+    )
+
+
+class TimingCaches:
+    """What the fallback is handed in place of IBuilderConfig: create(bytes) parses a cache (a blob that
+    does not start with MAGIC is refused, as TensorRT refuses a corrupt or foreign one), attach() records."""
+
+    MAGIC = b"cache:"
+
+    def __init__(self, refuse_attach: bool = False):
+        self.attached, self.refuse_attach = [], refuse_attach
+
+    def create(self, data: bytes):
+        if data and not data.startswith(self.MAGIC):
+            raise RuntimeError("Serialization assertion magicTagRead == kMAGIC_TAG failed")
+        return data
+
+    def attach(self, cache) -> bool:
+        self.attached.append(cache)
+        return not (self.refuse_attach and cache)
+
+
+def test_garbage_timing_cache_falls_back_to_an_empty_one_warning_once(tmp_path):
+    cache_file = tmp_path / ".trt-timing-10.3.0-sm87.cache"
+    cache_file.write_bytes(b"\x00garbage from another version")
+    caches = TimingCaches()
+    with pytest.warns(UserWarning, match="timing cache not usable .*magicTagRead.*building with an empty one"):
+        assert T.attach_timing_cache(cache_file, caches.create, caches.attach) == "replaced"
+    assert caches.attached == [b""]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second build with the same file: no second warning
+        assert T.attach_timing_cache(cache_file, caches.create, caches.attach) == "replaced"
+
+
+def test_timing_cache_loaded_missing_or_refused(tmp_path):
+    good = tmp_path / "good.cache"
+    good.write_bytes(b"cache:tactics")
+    caches = TimingCaches()
+    assert T.attach_timing_cache(good, caches.create, caches.attach) == "loaded"
+    assert T.attach_timing_cache(tmp_path / "absent.cache", caches.create, caches.attach) == "empty"
+    assert T.attach_timing_cache(None, caches.create, caches.attach) == "empty"
+    assert caches.attached == [b"cache:tactics", b"", b""]
+    refusing = TimingCaches(refuse_attach=True)  # set_timing_cache(ignore_mismatch=False) answers False
+    with pytest.warns(UserWarning, match="TensorRT refused it"):
+        assert T.attach_timing_cache(good, refusing.create, refusing.attach) == "replaced"
+    assert refusing.attached == [b"cache:tactics", b""]
+
+
+def test_tensorrt_speed_check_never_compares_with_onnxruntime_cpu(fp32_bundle):
+    """An fp16/int8 plan's "slower than fp32" needs fp32 timed on TensorRT too (build.py builds an fp32 plan)."""
+    from liverkd.deploy.build import BuildError, accuracy_gate
+
+    int8_plan = Bundle(fp32_bundle.path, fp32_bundle.meta.replace(precision="int8", backend="tensorrt"))
+    with pytest.raises(BuildError, match="the speed check needs an fp32 runner on tensorrt"):
+        accuracy_gate(int8_plan, "tensorrt", [np.zeros(fp32_bundle.input_shape, np.float32)], ["zeros"], 0.99)

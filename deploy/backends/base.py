@@ -26,6 +26,7 @@ RUNNERS = {
 """Backend name -> "module:Runner class", imported on first use."""
 BACKENDS = ("auto", *RUNNERS)
 AUTO_ORDER = ("tensorrt", "onnxruntime")
+TENSORRT_OPTIONS = ("cuda_binding", "zero_copy")
 """`--backend auto` takes the first of these that can run the bundle here."""
 
 
@@ -132,4 +133,6 @@ def open_runner(bundle, backend: str = "auto", *, precision: str | None = None, 
     """A runner for `bundle` on `backend` (auto: see auto_backend), at `precision` (default: the bundle's)."""
     if backend == "auto":  # a plan serves the bundle's own precision only
         backend = auto_backend(bundle) if precision in (None, bundle.precision) else "onnxruntime"
+        if backend != "tensorrt":  # TensorRT's own options mean nothing to the runner auto fell back to
+            options = {k: v for k, v in options.items() if k not in TENSORRT_OPTIONS}
     return runner_class(backend).from_bundle(bundle, precision, **options)

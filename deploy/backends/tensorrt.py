@@ -1,44 +1,154 @@
-"""TensorRT: build a plan from ONNX, and run a plan (cuda-python device buffers, execute_async_v3).
+"""TensorRT: build a plan from ONNX, and run a plan (pinned host buffers, device buffers, execute_async_v3).
 
 A plan only runs on the GPU model and TensorRT version it was built for, so engine.json
 records both (EngineMeta.tensorrt: version, GPU name, compute capability, SM count), and the
 plan's size and sha256 (files.plan). Every check that needs neither TensorRT nor a GPU runs
-first; the CUDA preflight runs before anything touches trt.Runtime.
+first; the CUDA preflight runs before anything touches trt.Runtime. Device memory, copies and
+timing go through the CUDA adapter (cuda_adapter: cuda-python or pycuda).
 
 Precision on TensorRT >= 10 lives in the ONNX file (strongly typed networks: model.fp16.onnx,
-model.int8.onnx with Q/DQ); TensorRT 8.x/9.x builds the fp32 or Q/DQ file with the FP16/INT8
-builder flags instead.
+model.int8.onnx with Q/DQ; TensorRT 11 has no other kind); TensorRT 8.6 builds the fp32 or Q/DQ
+file with the FP16/INT8 builder flags instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+import sys
+import warnings
+from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 from liverkd.core.atomic import atomic_path
 from liverkd.deploy.backends.base import Runner, RunnerError, require
+from liverkd.deploy.backends.cuda_adapter import (
+    binding_cuda_version,
+    choose_binding,
+    driver_mismatch,
+    installed_bindings,
+    open_cuda,
+)
 from liverkd.deploy.bundle import BundleError, ModelFile, TensorRTTarget
 from liverkd.deploy.cuda_preflight import preflight
+from liverkd.deploy.device_info import is_jetson
+
+MIN_PYTHON = (3, 10)
+MIN_TENSORRT = (8, 6)
+"""The oldest TensorRT on a platform liverkd supports (JetPack 6.0); see docs/deploy.md, "Platforms"."""
 
 
 def import_tensorrt():
     return require("tensorrt", "on a Jetson it comes with JetPack; elsewhere pip install 'liverkd[trt]'")
 
 
-def tensorrt_available() -> tuple[bool, str]:
-    """(TensorRT importable and a GPU present, why not)."""
-    try:
-        import_tensorrt()
-    except RunnerError as e:
-        return False, str(e)
-    pre = preflight()
-    return (True, "") if pre.ok else (False, pre.reason)
-
-
 def _major(version: str) -> int:
     return int(version.split(".")[0])
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", version)[:3])
+
+
+# ---------------------------------------------------------------- platform checks
+
+
+@dataclasses.dataclass(frozen=True)
+class PlatformFacts:
+    """The versions the platform checks read (platform_facts() reads them here)."""
+
+    python: tuple[int, int]
+    tensorrt: str | None = None
+    tensorrt_wheels: tuple[str, ...] = ()
+    """TensorRT's PyPI library wheels installed (tensorrt-cu12-libs, ...): JetPack's TensorRT has none."""
+    jetson: bool = False
+    driver_cuda: str | None = None
+    """The CUDA version the driver supports ("12.2")."""
+    binding: str | None = None
+    binding_cuda: str | None = None
+    """The CUDA version the binding was built for ("12.6")."""
+
+
+def check_platform(facts: PlatformFacts) -> list[str]:
+    """What keeps liverkd's TensorRT path from running on this platform, one line each; [] when nothing."""
+    problems = []
+    if tuple(facts.python) < MIN_PYTHON:
+        problems.append(
+            f"Python {'.'.join(map(str, facts.python))}: liverkd needs Python >= 3.10 "
+            "(JetPack 5 ships Python 3.8 and TensorRT 8.5 and is not supported: use JetPack 6 or 7)"
+        )
+    if facts.tensorrt and _version_tuple(facts.tensorrt) < MIN_TENSORRT:
+        problems.append(
+            f"TensorRT {facts.tensorrt}: liverkd needs TensorRT >= 8.6 "
+            "(JetPack 6.0 or newer; on a workstation pip install 'liverkd[trt]')"
+        )
+    if facts.jetson and facts.tensorrt_wheels:
+        problems.append(
+            f"TensorRT from PyPI ({', '.join(facts.tensorrt_wheels)}) on a Jetson: use JetPack's "
+            "(pip uninstall those wheels and tensorrt; a venv made with --system-site-packages sees JetPack's)"
+        )
+    if facts.binding:
+        why = driver_mismatch(facts.binding, facts.binding_cuda, facts.driver_cuda)
+        if why:
+            problems.append(why)
+    return problems
+
+
+def platform_facts(tensorrt_version: str | None, binding: str | None, driver_cuda: str | None) -> PlatformFacts:
+    return PlatformFacts(
+        python=tuple(sys.version_info[:2]),
+        tensorrt=tensorrt_version,
+        tensorrt_wheels=_tensorrt_wheels(),
+        jetson=is_jetson(),
+        driver_cuda=driver_cuda,
+        binding=binding,
+        binding_cuda=binding_cuda_version(binding) if binding else None,
+    )
+
+
+def _tensorrt_wheels() -> tuple[str, ...]:
+    names = {(d.metadata["Name"] or "").lower().replace("_", "-") for d in metadata.distributions()}
+    return tuple(sorted(n for n in names if re.fullmatch(r"tensorrt(-cu\d+)?-libs", n)))
+
+
+# ---------------------------------------------------------------- what is here
+
+
+def target_here(cuda_binding: str | None = "auto") -> TensorRTTarget:
+    """TensorRT version, GPU name, compute capability and SM count here; RunnerError (one line) if they cannot
+    serve. `cuda_binding`: the CUDA binding the runner will use (None: not needed, as for a build)."""
+    missing, binding = [], None
+    if cuda_binding is not None:
+        try:
+            binding = choose_binding(cuda_binding, installed_bindings())
+        except RunnerError as e:
+            missing.append(str(e))
+    try:
+        trt = import_tensorrt()
+    except RunnerError as e:
+        missing.append(str(e))
+    if missing:
+        raise RunnerError("; ".join(missing))
+    pre = preflight()
+    if not pre.ok:
+        raise RunnerError(f"TensorRT needs a GPU: {pre.reason}")
+    dev = pre.device
+    problems = check_platform(platform_facts(trt.__version__, binding, dev.driver_version))
+    if problems:
+        raise RunnerError("; ".join(problems))
+    return TensorRTTarget(trt.__version__, dev.name, dev.compute_capability, dev.sm_count or None, dev.driver_version)
+
+
+def tensorrt_available(cuda_binding: str = "auto") -> tuple[bool, str]:
+    """(TensorRT, a CUDA binding and a GPU present, and the platform supported; why not)."""
+    try:
+        target_here(cuda_binding)
+    except RunnerError as e:
+        return False, str(e)
+    return True, ""
 
 
 # ---------------------------------------------------------------- plan checks
@@ -59,23 +169,13 @@ def _gpu(t: TensorRTTarget) -> str:
     return f"{t.gpu_name} (compute {t.compute_capability}{sms})"
 
 
-def target_here() -> TensorRTTarget:
-    """TensorRT version, GPU name, compute capability and SM count here; RunnerError if no TensorRT/GPU."""
-    trt = import_tensorrt()
-    pre = preflight()
-    if not pre.ok:
-        raise RunnerError(f"TensorRT needs a GPU: {pre.reason}")
-    dev = pre.device
-    return TensorRTTarget(trt.__version__, dev.name, dev.compute_capability, dev.sm_count or None, dev.driver_version)
-
-
-def plan_usable(bundle) -> tuple[bool, str]:
+def plan_usable(bundle, cuda_binding: str = "auto") -> tuple[bool, str]:
     """(can this bundle's model.plan run here, why not). Cheap checks first; never touches trt.Runtime."""
     if bundle.meta.tensorrt is None:
         return False, f"{bundle.path}: no TensorRT plan in this bundle"
     try:
         bundle.model_file("plan").read()
-        why = check_target(bundle.meta.tensorrt, target_here())
+        why = check_target(bundle.meta.tensorrt, target_here(cuda_binding))
     except (BundleError, RunnerError) as e:
         return False, str(e)
     return (False, f"{bundle.file('plan')}: {why}") if why else (True, "")
@@ -84,14 +184,70 @@ def plan_usable(bundle) -> tuple[bool, str]:
 # ---------------------------------------------------------------- build
 
 
-def build_plan(onnx_path, plan_path, precision: str, *, workspace_mib: int = 1024, timing_cache=None) -> TensorRTTarget:
-    """ONNX -> serialized plan at `plan_path`; returns engine.json's "tensorrt" entry."""
+def strongly_typed(tensorrt_version: str) -> bool:
+    """TensorRT >= 10 builds strongly typed networks: the ONNX file's types are the precision."""
+    return _major(tensorrt_version) >= 10
+
+
+def plan_onnx_role(precision: str, tensorrt_version: str) -> str:
+    """The bundle file ("onnx", "onnx_fp16", "onnx_int8") a `precision` plan is built from on that TensorRT."""
+    if precision == "int8":
+        return "onnx_int8"
+    if precision == "fp16" and strongly_typed(tensorrt_version):
+        return "onnx_fp16"
+    return "onnx"  # fp32, or fp16 by builder flag on TensorRT 8.6
+
+
+def timing_cache_file(folder, tensorrt_version: str, compute_capability: str) -> Path:
+    """One timing cache per TensorRT version and GPU architecture: .trt-timing-10.3.0-sm87.cache."""
+    return Path(folder) / f".trt-timing-{tensorrt_version}-sm{compute_capability.replace('.', '')}.cache"
+
+
+_WARNED: set[str] = set()
+
+
+def attach_timing_cache(path: Path | None, create: Callable, attach: Callable) -> str:
+    """Give the builder the timing cache in `path`: "loaded", or "empty" (no file, or none asked for), or
+    "replaced" (a file TensorRT refused: corrupt, or from another version or GPU; warned once per file).
+
+    `create(bytes) -> cache` and `attach(cache) -> bool` are TensorRT's IBuilderConfig.create_timing_cache
+    and set_timing_cache(cache, ignore_mismatch=False); TensorRT may raise, answer None or answer False."""
+    data = _read(path)
+    if data:
+        try:
+            cache = create(data)
+            if cache is not None and attach(cache):
+                return "loaded"
+            why = "TensorRT refused it"
+        except Exception as e:  # TensorRT's own exception types
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if str(path) not in _WARNED:
+            _WARNED.add(str(path))
+            warnings.warn(f"{path}: timing cache not usable ({why}); building with an empty one", stacklevel=2)
+    if not attach(create(b"")):
+        raise RunnerError("TensorRT refused an empty timing cache")
+    return "replaced" if data else "empty"
+
+
+def _read(path: Path | None) -> bytes:
+    try:
+        return Path(path).read_bytes() if path else b""
+    except OSError:
+        return b""
+
+
+def build_plan(
+    onnx_path, plan_path, precision: str, *, workspace_mib: int = 1024, timing_cache_dir=None
+) -> TensorRTTarget:
+    """ONNX -> serialized plan at `plan_path`; returns engine.json's "tensorrt" entry.
+
+    `timing_cache_dir`: where the timing cache of this TensorRT version and GPU is kept (timing_cache_file)."""
     trt = import_tensorrt()
-    here = target_here()
-    strongly_typed = _major(trt.__version__) >= 10
+    here = target_here(cuda_binding=None)
+    typed = strongly_typed(trt.__version__)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flag = "STRONGLY_TYPED" if strongly_typed else "EXPLICIT_BATCH"
+    flag = "STRONGLY_TYPED" if typed else "EXPLICIT_BATCH"  # 11 keeps STRONGLY_TYPED (ignored), drops the other
     network = builder.create_network(1 << int(getattr(trt.NetworkDefinitionCreationFlag, flag)))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(Path(onnx_path).read_bytes()):
@@ -99,17 +255,17 @@ def build_plan(onnx_path, plan_path, precision: str, *, workspace_mib: int = 102
         raise RunnerError(f"{onnx_path}: TensorRT's ONNX parser refused it ({errors})")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
-    if not strongly_typed:
+    if not typed:  # TensorRT 8.6: precision by builder flag
         if precision in ("fp16", "int8") and builder.platform_has_fast_fp16:
             config.set_flag(trt.BuilderFlag.FP16)
         if precision == "int8":
             config.set_flag(trt.BuilderFlag.INT8)  # explicit quantization: scales come from the Q/DQ nodes
     _refuse_dynamic_shapes(network)
-    cache_path = Path(timing_cache) if timing_cache else None
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
-        cache = config.create_timing_cache(b"")  # a cache from another GPU/version: start afresh
-        config.set_timing_cache(cache, ignore_mismatch=False)
+    cache_path = (
+        timing_cache_file(timing_cache_dir, trt.__version__, here.compute_capability) if timing_cache_dir else None
+    )
+    attach = lambda cache: config.set_timing_cache(cache, ignore_mismatch=False)  # False: from another GPU
+    attach_timing_cache(cache_path, config.create_timing_cache, attach)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RunnerError(f"{onnx_path}: TensorRT could not build an engine (see the TensorRT log above)")
@@ -122,8 +278,8 @@ def build_plan(onnx_path, plan_path, precision: str, *, workspace_mib: int = 102
                 f.write(config.get_timing_cache().serialize())
     return dataclasses.replace(
         here,
-        strongly_typed=strongly_typed,
-        builder_flags=() if strongly_typed else _flags_set(trt, config),
+        strongly_typed=typed,
+        builder_flags=() if typed else _flags_set(trt, config),
         workspace_mib=int(workspace_mib),
         onnx=Path(onnx_path).name,
     )
@@ -147,73 +303,72 @@ def _refuse_dynamic_shapes(network) -> None:
 # ---------------------------------------------------------------- run
 
 
-def _cudart():
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-    except ImportError:
-        try:
-            from cuda import cudart  # older cuda-python
-        except ImportError as e:
-            raise RunnerError(f"cuda-python is not installed ({e}); the TensorRT runner needs it") from None
-    return cudart
-
-
-def cuda_call(result):
-    """A cuda-python call's (error, value...) -> value; RunnerError on an error."""
-    err, *rest = result
-    if int(err) != 0:
-        raise RunnerError(f"CUDA error {err}")
-    return rest[0] if len(rest) == 1 else None
-
-
 class TensorRTRunner(Runner):
-    """One plan, one execution context, device buffers and a stream; timings by CUDA events.
+    """One plan, one execution context, pinned host buffers, device buffers and a stream; CUDA-event timings.
 
     `built_for` is what engine.json says the plan was built with; the plan runs only where
-    target_here() is the same (check_target)."""
+    target_here() is the same (check_target). `cuda_binding`: auto, cuda-python or pycuda.
+    `zero_copy` (default: on an integrated GPU, a Jetson) hands TensorRT mapped host memory
+    instead of device buffers: no copies, h2d and d2h are then ~0."""
 
     name = "tensorrt"
 
-    def __init__(self, plan: ModelFile, *, precision: str, input_shape=None, built_for: TensorRTTarget):
+    def __init__(
+        self,
+        plan: ModelFile,
+        *,
+        precision: str,
+        input_shape=None,
+        built_for: TensorRTTarget,
+        cuda_binding: str = "auto",
+        zero_copy: bool | None = None,
+    ):
         super().__init__(plan, precision=precision, input_shape=input_shape)
-        self.engine = self.context = self.stream = None
-        self._buffers: list[int] = []
-        self._events: list = []
+        self.engine = self.context = self.runtime = self.cuda = None
         data = plan.read()  # size and sha256 first: they need neither TensorRT nor a GPU
-        here = target_here()  # the CUDA preflight: trt.Runtime is touched only after it
+        here = target_here(cuda_binding)  # binding, TensorRT, CUDA preflight, platform: before trt.Runtime
         why = check_target(built_for, here)
         if why:
             raise RunnerError(f"{plan.path}: {why}")
         trt = import_tensorrt()
-        self.cudart = cudart = _cudart()
+        self.cuda = open_cuda(cuda_binding)  # its context is current before TensorRT allocates anything
+        try:
+            self._load(trt, data, zero_copy)
+        except BaseException:
+            self.close()
+            raise
+        self.device = f"cuda:0 ({here.gpu_name}, {self.cuda.facts.binding}{', zero-copy' if self.zero_copy else ''})"
+
+    def _load(self, trt, data: bytes, zero_copy: bool | None) -> None:
+        path, cuda = self.model.path, self.cuda
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(data)
         if self.engine is None:
-            raise RunnerError(f"{plan.path}: TensorRT could not deserialize the plan")
+            raise RunnerError(f"{path}: TensorRT could not deserialize the plan")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         if len(inputs) != 1 or len(outputs) != 1:
-            raise RunnerError(f"{plan.path}: expected one input and one output, got {inputs} -> {outputs}")
+            raise RunnerError(f"{path}: expected one input and one output, got {inputs} -> {outputs}")
         self.input_name, self.output_name = inputs[0], outputs[0]
         self.accept_input_shape(tuple(self.engine.get_tensor_shape(self.input_name)))
         if None in self.input_shape:
-            raise RunnerError(f"{plan.path}: the plan has dynamic input axes; liverkd builds fixed-shape plans")
-        self.input_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.input_name)))
-        output_shape = tuple(self.engine.get_tensor_shape(self.output_name))
-        self.output = np.empty(output_shape, dtype=trt.nptype(self.engine.get_tensor_dtype(self.output_name)))
-        self.stream = cuda_call(cudart.cudaStreamCreate())
-        for name, nbytes in (
-            (self.input_name, int(np.prod(self.input_shape)) * self.input_dtype.itemsize),
-            (self.output_name, self.output.nbytes),
-        ):
-            ptr = cuda_call(cudart.cudaMalloc(nbytes))
-            self._buffers.append(ptr)
-            self.context.set_tensor_address(name, int(ptr))
-        self._events = [cuda_call(cudart.cudaEventCreate()) for _ in range(4)]
-        self.device = f"cuda:0 ({here.gpu_name})"
+            raise RunnerError(f"{path}: the plan has dynamic input axes; liverkd builds fixed-shape plans")
+        self.zero_copy = cuda.facts.integrated if zero_copy is None else bool(zero_copy)
+        self.zero_copy = self.zero_copy and cuda.facts.can_map_host_memory
+        self.host_in, self.device_in = self._buffers(trt, self.input_name)
+        self.host_out, self.device_out = self._buffers(trt, self.output_name)
+        self._events = [cuda.event() for _ in range(4)]
+
+    def _buffers(self, trt, name: str):
+        """(pinned host array, the device address TensorRT reads or writes) for tensor `name`."""
+        shape = tuple(self.engine.get_tensor_shape(name))
+        host = self.cuda.pinned(shape, trt.nptype(self.engine.get_tensor_dtype(name)), mapped=self.zero_copy)
+        device = host.device_ptr if self.zero_copy else self.cuda.device_buffer(host.array.nbytes)
+        self.context.set_tensor_address(name, int(device))
+        return host, device
 
     @classmethod
     def from_bundle(cls, bundle, precision: str | None = None, **options) -> TensorRTRunner:
@@ -228,35 +383,25 @@ class TensorRTRunner(Runner):
         return plan_usable(bundle)
 
     def _infer(self, x: np.ndarray) -> np.ndarray:
-        cudart = self.cudart
-        x = np.ascontiguousarray(x, dtype=self.input_dtype)
-        e0, e1, e2, e3 = self._events
-        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        cuda_call(cudart.cudaEventRecord(e0, self.stream))
-        cuda_call(cudart.cudaMemcpyAsync(self._buffers[0], x.ctypes.data, x.nbytes, h2d, self.stream))
-        cuda_call(cudart.cudaEventRecord(e1, self.stream))
-        if not self.context.execute_async_v3(int(self.stream)):
+        cuda, (e0, e1, e2, e3) = self.cuda, self._events
+        np.copyto(self.host_in.array, x, casting="same_kind")  # staging into pinned memory: before the timing
+        cuda.record(e0)
+        if not self.zero_copy:
+            cuda.h2d(self.device_in, self.host_in.array)
+        cuda.record(e1)
+        if not self.context.execute_async_v3(cuda.stream):
             raise RunnerError("TensorRT execute_async_v3 failed")
-        cuda_call(cudart.cudaEventRecord(e2, self.stream))
-        cuda_call(
-            cudart.cudaMemcpyAsync(self.output.ctypes.data, self._buffers[1], self.output.nbytes, d2h, self.stream)
-        )
-        cuda_call(cudart.cudaEventRecord(e3, self.stream))
-        cuda_call(cudart.cudaEventSynchronize(e3))
-        ms = [cuda_call(cudart.cudaEventElapsedTime(a, b)) for a, b in ((e0, e1), (e1, e2), (e2, e3))]
+        cuda.record(e2)
+        if not self.zero_copy:
+            cuda.d2h(self.host_out.array, self.device_out)
+        cuda.record(e3)
+        cuda.wait(e3)
+        ms = [cuda.elapsed_ms(a, b) for a, b in ((e0, e1), (e1, e2), (e2, e3))]
         self.last_timings = {"h2d": ms[0] / 1e3, "network": ms[1] / 1e3, "d2h": ms[2] / 1e3}
-        return self.output.astype(np.float32, copy=True)
+        return self.host_out.array.astype(np.float32, copy=True)
 
     def close(self) -> None:
-        if self.engine is None:
-            return
-        cudart = self.cudart
-        for ptr in self._buffers:
-            cudart.cudaFree(ptr)
-        for ev in self._events:
-            cudart.cudaEventDestroy(ev)
-        if self.stream is not None:
-            cudart.cudaStreamDestroy(self.stream)
-        self._buffers, self._events = [], []
-        self.context = self.engine = self.stream = None
+        self.context = self.engine = self.runtime = None  # TensorRT's objects go before the memory and context
+        if self.cuda is not None:
+            self.cuda.close()
+            self.cuda = None

@@ -26,6 +26,7 @@ from liverkd.core import volume as V
 from liverkd.core.atomic import write_json
 from liverkd.core.errors import LiverkdError
 from liverkd.core.timing import Clock
+from liverkd.deploy.segment import stats_record
 
 from .config import ConfigError, RunnerConfig
 from .inbox import Inbox, LockError, lock
@@ -348,19 +349,9 @@ class Service:
         with clock.stage("write"):
             mask_tmp = V.save(seg.image, temp_path(outbox, claim.id, "mask.nii.gz"))
         st = os.stat(claim.input)
-        voxels = seg.liver_voxels
-        hu_sum = float(np.sum(vol.array, where=seg.mask.view(bool), dtype=np.float64))
-        stats = {
-            "input": {"name": claim.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns},
-            "claim": claim.id,
-            "liver_ml": seg.liver_ml,
-            "liver_voxels": voxels,
-            "mean_hu": hu_sum / voxels if voxels else None,
-            "warnings": list(seg.warnings),
-            "timings": {k: round(v, 6) for k, v in clock.timings().items()},
-            "engine": str(self.cfg.engine),
-            "finished_at": now_iso(),
-        }
+        stats = stats_record(seg, input=claim.name, output=None, engine=str(self.cfg.engine), timings=clock.timings(),
+                             claim=claim.id, input_bytes=st.st_size, input_mtime_ns=st.st_mtime_ns,
+                             finished_at=now_iso())  # fmt: skip
         stats_tmp = write_json(temp_path(outbox, claim.id, "stats.json"), stats)
         items = [(mask_tmp, MASK_TAIL), (stats_tmp, STATS_TAIL)]
         mask, _ = place(outbox, split_name(claim.name)[0], claim.id, items, lambda p: claim.set_plan("outputs", p))

@@ -34,7 +34,9 @@ def export(
 
 @app.command("build-engine")
 def build_engine(
-    source: Path = typer.Argument(..., help="A liverkd checkpoint (.pt) or an ONNX file from `liverkd export`."),
+    source: str = typer.Argument(
+        ..., help="A liverkd checkpoint (.pt), an ONNX file from `liverkd export`, or a packaged model's name."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write, e.g. engines/student-30k-int8."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or int8."),
     calib_data: Path = typer.Option(
@@ -44,10 +46,14 @@ def build_engine(
     backend: str = typer.Option("auto", "--backend", help="auto, tensorrt or onnxruntime."),
     workspace: int = typer.Option(1024, "--workspace", help="TensorRT workspace limit in MiB."),
     min_agreement: float = typer.Option(0.995, "--min-agreement", help="Refuse the bundle below this Dice vs fp32."),
+    cuda_binding: str = typer.Option(
+        "auto", "--cuda-binding", help="TensorRT's CUDA binding: auto (cuda-python, else pycuda), cuda-python, pycuda."
+    ),
 ):
     """Build an engine bundle (ONNX, INT8/FP16 variants, TensorRT plan where possible, engine.json)."""
     from rich.console import Console
 
+    from liverkd import models
     from liverkd.core.volume import VolumeError
     from liverkd.deploy.backends.base import RunnerError
     from liverkd.deploy.build import BuildError
@@ -57,9 +63,11 @@ def build_engine(
 
     console = Console(highlight=False, soft_wrap=True)
     try:
+        if not Path(source).exists() and source in models.names():  # the packaged model, e.g. on the target
+            source = str(models.path(source) / "model.onnx")
         with console.status(f"building {out} ({precision})..."):
             bundle = build(
-                source,
+                Path(source),
                 out,
                 precision,
                 calib_data=calib_data,
@@ -67,6 +75,7 @@ def build_engine(
                 backend=backend,
                 workspace_mib=workspace,
                 min_agreement=min_agreement,
+                cuda_binding=cuda_binding,
                 log=console.print,
             )
     except (BuildError, CalibrationError, ExportError, RunnerError, VolumeError, ValueError) as e:

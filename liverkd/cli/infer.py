@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -72,21 +73,32 @@ def infer(
     stats: bool = typer.Option(False, "--stats", help="Also write <output>.json: liver volume (mL), mean HU, timings."),
     preview: bool = typer.Option(False, "--preview", help="Also write <output>.png: axial/coronal/sagittal overlays."),
     json_lines: bool = typer.Option(False, "--json", help="One JSON line per volume on stdout (paths, mL, timings)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace outputs that exist already (never a file that is an input of the run)."
+    ),
 ):
-    """Segment the liver: CT volumes in, uint8 masks (1 = liver) out with the input's exact geometry."""
+    """Segment the liver: CT volumes in, uint8 masks (1 = liver) out with the input's exact geometry.
+
+    An output that exists already is not replaced without --overwrite, and an output that is an
+    input of the run (by name, link or mount) is never written. Each input that fails gets one line
+    on stderr, the others are still segmented, and the exit code is 1.
+    """
     import warnings
 
     from rich.console import Console
+    from rich.markup import escape
 
     from liverkd import models
     from liverkd.cli.progress import volume_progress
     from liverkd.core.errors import LiverkdError
-    from liverkd.core.volume import VolumeError, VolumeWarning
+    from liverkd.core.volume import VolumeError, VolumeWarning, printable
     from liverkd.deploy.backends.base import RunnerError
     from liverkd.deploy.bundle import BundleError
-    from liverkd.deploy.segment import Segmenter, output_path_for
+    from liverkd.deploy.segment import Segmenter, input_ids, output_path_for
 
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")  # a name the locale cannot encode must not stop a run
 
     def say(message: str) -> None:
         err.print(message, markup=False)
@@ -97,7 +109,7 @@ def infer(
     if output is not None:
         if _is_nifti(output) and not output.is_dir():
             if len(jobs) != 1:
-                say(f"error: -o {output}: a single output file, but {len(jobs)} inputs; give a folder")
+                say(f"error: -o {printable(output)}: a single output file, but {len(jobs)} inputs; give a folder")
                 raise typer.Exit(2)
             out_file = output
         else:
@@ -105,54 +117,57 @@ def infer(
             try:
                 out_dir.mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                say(f"error: {out_dir}: cannot create the output folder ({e.strerror or e})")
+                say(f"error: {printable(out_dir)}: cannot create the output folder ({e.strerror or e})")
                 raise typer.Exit(1) from None
 
     try:
         segmenter = Segmenter.load(models.resolve(engine), backend=backend)
         if engine is None:
-            say(f"using the packaged model {models.DEFAULT} ({segmenter.bundle.path})")
+            say(f"using the packaged model {models.DEFAULT} ({printable(segmenter.bundle.path)})")
     except (BundleError, RunnerError, LiverkdError) as e:
-        say(f"error: {e}")
+        say(f"error: {printable(e)}")
         raise typer.Exit(1) from None
 
     failed = 0
-    claimed: dict[Path, str] = {}
+    claimed: dict[object, str] = {}
+    run_inputs = set().union(*(input_ids(path) for _, path, _ in jobs if path is not None))
 
     def report_error(label: str, problem: str) -> None:
         nonlocal failed
         failed += 1
-        say(f"error: {label}: {problem}")
+        say(f"error: {printable(label)}: {printable(problem)}")
         if json_lines:
             print(json.dumps({"input": label, "output": None, "error": problem}), flush=True)
 
-    progress = volume_progress(err, disable=len(jobs) < 2)
-    with segmenter, progress, warnings.catch_warnings():
-        warnings.simplefilter("ignore", VolumeWarning)  # shown below, once, per input
+    progress = volume_progress(err, disable=len(jobs) < 2 or not err.is_terminal)
+    with segmenter, progress:
         task = progress.add_task("segmenting", total=len(jobs))
         for label, path, problem in jobs:
-            progress.update(task, description=Path(label).name)
+            progress.update(task, description=escape(printable(Path(label).name)))
+            out_path = None if problem else out_file or output_path_for(path, out_dir)
+            key = None if out_path is None else _output_key(out_path)
+            if key in claimed:
+                problem = f"output {out_path} is also the output of {claimed[key]}; use separate folders"
             if problem is not None:
                 report_error(label, problem)
                 progress.advance(task)
                 continue
-            out_path = out_file or output_path_for(path, out_dir)
-            key = out_path.resolve()
-            if key in claimed:
-                report_error(label, f"output {out_path} is also the output of {claimed[key]}; use separate folders")
-                progress.advance(task)
-                continue
             claimed[key] = label
             try:
-                result = segmenter.segment_file(path, out_path, stats=stats, preview=preview)
+                with warnings.catch_warnings(record=True) as caught:  # shown below, one line each, on success
+                    warnings.simplefilter("always")
+                    result = segmenter.segment_file(
+                        path, out_path, stats=stats, preview=preview, overwrite=overwrite, inputs=run_inputs
+                    )
             except VolumeError as e:
-                report_error(label, e.problem if e.path == str(path) else str(e))
-            except (RunnerError, OSError, MemoryError, ValueError) as e:
+                report_error(label, e.problem if e.path == printable(path) else str(e))
+            except Exception as e:  # whatever else fails is this input's failure: one line, and the run goes on
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 report_error(label, f"{type(e).__name__}: {first}")
             else:
-                for w in result.warnings:
-                    say(f"warning: {label}: {w}")
+                others = [str(w.message) for w in caught if not issubclass(w.category, VolumeWarning)]
+                for w in result.warnings + others:
+                    say(f"warning: {printable(label)}: {printable(w)}")
                 if json_lines:
                     print(json.dumps(result.to_dict()), flush=True)
                 else:
@@ -165,11 +180,23 @@ def infer(
         raise typer.Exit(1)
 
 
+def _output_key(path: Path):
+    """One output however it is named (a link to the folder, a mount): the folder's identity and the name."""
+    try:
+        st = os.stat(path.parent)
+    except OSError:
+        return str(path)
+    return (st.st_dev, st.st_ino, path.name)
+
+
 def _summary(result) -> str:
+    from liverkd.core.volume import printable
+
     stages = ", ".join(f"{k} {v * 1000:.0f}" for k, v in result.timings.items() if k != "total")
     lines = [
-        f"{result.input} -> {result.output}: liver {result.liver_ml:.1f} mL, {result.timings['total'] * 1000:.0f} ms",
+        f"{printable(result.input)} -> {printable(result.output)}: liver {result.liver_ml:.1f} mL, "
+        f"{result.timings['total'] * 1000:.0f} ms",
         f"  stages (ms): {stages}",
     ]
-    lines += [f"  {label}: {p}" for label, p in (("stats", result.stats), ("preview", result.preview)) if p]
+    lines += [f"  {label}: {printable(p)}" for label, p in (("stats", result.stats), ("preview", result.preview)) if p]
     return "\n".join(lines)

@@ -8,7 +8,10 @@ shape and affine.
 from __future__ import annotations
 
 import gzip
+import logging
 import os
+import stat
+import unicodedata
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -16,20 +19,48 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.arrayproxy import ArrayProxy
+from nibabel.openers import ImageOpener
+from nibabel.spatialimages import HeaderDataError
 from scipy import ndimage
 
 from liverkd.core.atomic import atomic_path
 from liverkd.core.errors import LiverkdError
 
-MAX_VOXELS = 2_000_000_000
-"""Refuse headers that claim more voxels than this (2e9 voxels = 8 GB as float32)."""
+# Limits on an input, all checked on the header, before a voxel is read (docs/security.md, "Inputs").
+MAX_VOXELS = 2**30
+"""Voxels of the input (1024^3; a 512 x 512 x 3000 whole-body CT is 0.8e9)."""
+MAX_DATA_BYTES = 4 * 2**30
+"""Bytes of voxel data (offset included) a header may claim: what reading the file allocates."""
+MAX_GRID_VOXELS = 2**27
+"""Voxels after resampling to the engine's spacing (512^3; a 0.5 x 0.5 x 2 m body at 3 mm is 19e6)."""
+SPACING_RANGE_MM = (0.05, 20.0)
+"""Voxel sides outside this are a wrong header (units, pixdim), not a CT: refused."""
+MAX_ABS_VALUE = 1e30
+"""Larger float voxels are not HU, and would overflow the float32 arithmetic of resampling."""
+MM_PER_UNIT = {0: 1.0, 1: 1000.0, 2: 1.0, 3: 0.001}
+"""NIfTI xyzt_units & 7: unknown (taken as mm, as every reader does), metre, mm, micrometre."""
+COMPRESSION_MAX_RATIO = {".gz": 1100, ".bz2": None, ".zst": None}
+"""How many bytes a file of N bytes can hold, over N, by its suffix (1 for .nii): deflate cannot expand
+data by more than ~1032x; bzip2 and zstd have no such bound (MAX_DATA_BYTES alone applies)."""
+_HEADER_CLASSES = {348: nib.Nifti1Header, 540: nib.Nifti2Header}
+_UNPRINTABLE = {"Cc", "Cf", "Cs", "Zl", "Zp"}  # control and format characters, lone surrogates, line breaks
+_HEADER_FIXES = logging.getLogger("liverkd.nibabel_header_fixes")
+_HEADER_FIXES.addHandler(logging.NullHandler())  # nibabel would print the fields it fixes to stderr
+_HEADER_FIXES.propagate = False
+
+
+def printable(text) -> str:
+    """`text` for a one-line message: control characters (newline, tab, ESC...), format characters and
+    undecodable bytes of a file name escaped as ascii() writes them; everything else as it is."""
+    return "".join(ascii(c)[1:-1] if unicodedata.category(c) in _UNPRINTABLE else c for c in str(text))
 
 
 class VolumeError(LiverkdError, ValueError):
     """Bad input volume. str() is one line: '<path>: <problem>'."""
 
     def __init__(self, path, problem: str):
-        super().__init__(path, problem)
+        super().__init__(printable(path), printable(problem))
 
 
 class VolumeWarning(UserWarning):
@@ -72,9 +103,11 @@ def _warn(vol_warnings: list[str], path, message: str) -> None:
 # ---------------------------------------------------------------- load / save
 
 
-def load(path, max_voxels: int = MAX_VOXELS) -> Volume:
-    """Load a 3-D NIfTI (scl_slope/inter applied) with every check of a bad input.
+def load(path, max_voxels: int = MAX_VOXELS, *, grid_spacing=None) -> Volume:
+    """Load a 3-D NIfTI (scl_slope/inter applied, spatial units turned into mm) with every check of a bad input.
 
+    `grid_spacing`: the spacing (mm) the volume will be resampled to; its grid is held to MAX_GRID_VOXELS.
+    Every size is checked on the header before a voxel is read; header extensions are never read.
     Raises VolumeError (one line naming the file and the problem); warns (VolumeWarning)
     on valid but odd inputs.
     """
@@ -83,71 +116,155 @@ def load(path, max_voxels: int = MAX_VOXELS) -> Volume:
         raise VolumeError(path, "no such file")
     if path.is_dir():
         raise VolumeError(path, "is a folder, not a NIfTI file")
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise VolumeError(path, "not a regular file (a device, pipe or socket)")
     if not os.access(path, os.R_OK):
         raise VolumeError(path, "not readable (permission denied)")
     if path.stat().st_size == 0:
         raise VolumeError(path, "empty file")
+    header = _read_header(path)
+    _check_data_size(path, header)
     try:
-        img = nib.load(str(path))
-    except (nib.filebasedimages.ImageFileError, ValueError) as e:
-        raise VolumeError(path, f"not a NIfTI image ({_first_line(e)})") from None
-    except (EOFError, OSError, zlib.error, gzip.BadGzipFile) as e:
+        affine = header.get_best_affine()
+    except (HeaderDataError, ValueError) as e:
+        raise VolumeError(path, f"invalid affine in the header ({_first_line(e)})") from None
+    return _volume(path, ArrayProxy(str(path), header), affine, header, max_voxels, grid_spacing)
+
+
+def _read_header(path: Path) -> nib.Nifti1Header:
+    """The NIfTI-1 or -2 header, checked and fixed as nibabel does, and nothing after it: its extensions
+    are never read (they can be any size, they can carry patient data, and no output keeps them)."""
+    try:
+        with ImageOpener(str(path)) as f:
+            block = f.read(540)
+    except gzip.BadGzipFile:
+        raise VolumeError(path, "not a NIfTI image (not a gzip file, though named .gz)") from None
+    except (EOFError, OSError, zlib.error, ValueError) as e:
         raise VolumeError(path, f"corrupt or truncated file ({_first_line(e)})") from None
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise VolumeError(path, f"not a NIfTI image ({type(img).__name__})")
-    _check_data_size(path, img)
-    return from_image(img, path, max_voxels=max_voxels)
+    klass = _HEADER_CLASSES.get(int.from_bytes(block[:4], "little")) or _HEADER_CLASSES.get(
+        int.from_bytes(block[:4], "big")
+    )
+    if klass is None:
+        raise VolumeError(path, "not a NIfTI image (no NIfTI-1 or NIfTI-2 header)")
+    if len(block) < klass.template_dtype.itemsize:
+        raise VolumeError(path, f"truncated: the file ends inside its header ({len(block)} bytes)")
+    try:
+        header = klass(block[: klass.template_dtype.itemsize], check=False)
+        header.check_fix(logger=_HEADER_FIXES, error_level=40)
+        dtype = header.get_data_dtype()
+        header.get_data_offset()  # an int: not NaN or infinite
+    except (HeaderDataError, KeyError, ValueError, OverflowError) as e:
+        raise VolumeError(path, f"invalid NIfTI header ({_first_line(e)})") from None
+    if not _is_supported(dtype):
+        raise VolumeError(path, f"unsupported voxel type {dtype} (datatype {int(header['datatype'])})")
+    return header
 
 
-GZIP_MAX_RATIO = 1100
-"""Deflate cannot expand data by more than ~1032x, so a .nii.gz of N bytes holds at most this * N."""
+def _is_supported(dtype) -> bool:
+    dtype = np.dtype(dtype)
+    return dtype.kind in "iub" or (dtype.kind == "f" and dtype.itemsize <= 8)
 
 
-def _check_data_size(path: Path, img) -> None:
-    """Refuse a header that claims more voxel data than the file can hold, before nibabel
-    allocates a buffer of the claimed size (a 100-byte file must not cost gigabytes)."""
-    n_bytes = int(np.prod(img.shape, dtype=np.float64)) * img.header.get_data_dtype().itemsize
+def _check_data_size(path: Path, header) -> None:
+    """Refuse a header that claims more voxel data than the file can hold, or than MAX_DATA_BYTES,
+    before nibabel allocates a buffer of the claimed size (a 100-byte file must not cost gigabytes)."""
+    n_bytes = float(np.prod(header.get_data_shape(), dtype=np.float64)) * header.get_data_dtype().itemsize
+    need = header.get_data_offset() + n_bytes
     size = path.stat().st_size
-    if path.name.endswith(".gz"):
-        if n_bytes > GZIP_MAX_RATIO * size:
-            raise VolumeError(path, f"header claims {n_bytes:,} bytes of voxels, more than a {size:,}-byte gzip holds")
-    elif size < int(img.header.get_data_offset()) + n_bytes:
-        raise VolumeError(path, f"truncated: header claims {n_bytes:,} bytes of voxels, the file has {size:,} in all")
+    ratio = COMPRESSION_MAX_RATIO.get(path.suffix.lower(), 1)
+    claim = f"header claims {n_bytes:,.0f} bytes of voxels" if n_bytes < 1e15 else f"header claims {n_bytes:.3g} bytes"
+    if need > MAX_DATA_BYTES:
+        raise VolumeError(path, f"{claim}, over the limit of {MAX_DATA_BYTES:,}")
+    if ratio == 1 and need > size:
+        raise VolumeError(path, f"truncated: {claim}, the file has {size:,} in all")
+    if ratio is not None and need > ratio * size:
+        raise VolumeError(path, f"{claim}, more than a {size:,}-byte {path.suffix} file holds")
 
 
-def from_image(img, path="<image>", max_voxels: int = MAX_VOXELS) -> Volume:
-    """Validate an in-memory nibabel image and turn it into a Volume."""
+def from_image(img, path="<image>", max_voxels: int = MAX_VOXELS, *, grid_spacing=None) -> Volume:
+    """Validate an in-memory nibabel image and turn it into a Volume (see load)."""
+    return _volume(path, img.dataobj, img.affine, img.header, max_voxels, grid_spacing)
+
+
+def _volume(path, dataobj, affine, header, max_voxels: int, grid_spacing) -> Volume:
+    """Check the geometry (before reading a voxel), read the voxels, check them."""
     notes: list[str] = []
-    shape = tuple(int(s) for s in img.shape)
-    if any(s == 0 for s in shape):
-        raise VolumeError(path, f"zero-sized axis in shape {shape}")
-    if len(shape) < 3 or sum(s > 1 for s in shape[:3]) < 3:
-        raise VolumeError(path, f"2-D image (shape {shape}); a 3-D volume is needed")
-    n_vox = int(np.prod(shape[:3], dtype=np.int64))
-    if n_vox > max_voxels:
-        raise VolumeError(path, f"header claims {shape[:3]} = {n_vox:,} voxels, over the limit of {max_voxels:,}")
-    affine = np.asarray(img.affine, dtype=np.float64)
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise VolumeError(path, "invalid affine (singular or not finite)")
+    shape = tuple(int(s) for s in dataobj.shape)
+    affine, unit = _affine_in_mm(path, affine, header)
+    check_geometry(path, shape, affine, max_voxels=max_voxels, grid_spacing=grid_spacing)
     try:
         if len(shape) > 3:
             extra = int(np.prod(shape[3:]))
             _warn(notes, path, f"{len(shape)}-D image with {extra} volumes; using the first")
-            index = (slice(None),) * 3 + (0,) * (len(shape) - 3)
-            array = np.asarray(img.dataobj[index])
+            array = np.asarray(dataobj[(slice(None),) * 3 + (0,) * (len(shape) - 3)])
         else:
-            array = np.asarray(img.dataobj)
+            array = np.asarray(dataobj)
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as e:
         raise VolumeError(path, f"corrupt or truncated data ({_first_line(e)})") from None
-    if array.dtype.kind not in "iufb":
+    if not _is_supported(array.dtype):
         raise VolumeError(path, f"unsupported voxel type {array.dtype}")
-    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
-        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-        raise VolumeError(path, f"{bad:,} NaN or infinite voxels")
+    _check_values(path, array)
     if is_oblique(affine):
         _warn(notes, path, "oblique affine; axes are taken as the closest canonical ones")
-    header = img.header.copy() if isinstance(img.header, nib.Nifti1Header) else None
+    header = header.copy() if isinstance(header, nib.Nifti1Header) else None
+    if header is not None and unit != 1.0:
+        header["xyzt_units"] = (int(header["xyzt_units"]) & ~7) | 2  # the affine is in mm now; time units kept
     return Volume(array=array, affine=affine, header=header, path=str(path), warnings=notes)
+
+
+def _affine_in_mm(path, affine, header) -> tuple[np.ndarray, float]:
+    """The affine in millimetres (NIfTI headers may say metres or micrometres in xyzt_units), and the factor."""
+    if affine is None:
+        raise VolumeError(path, "no affine (voxel positions unknown)")
+    affine = np.asarray(affine, dtype=np.float64)
+    if not isinstance(header, nib.Nifti1Header):
+        return affine, 1.0
+    code = int(header["xyzt_units"]) & 7
+    if code not in MM_PER_UNIT:
+        raise VolumeError(path, f"unknown spatial unit code {code} in xyzt_units")
+    return np.diag([MM_PER_UNIT[code]] * 3 + [1.0]) @ affine, MM_PER_UNIT[code]
+
+
+def check_geometry(path, shape, affine, *, max_voxels: int = MAX_VOXELS, grid_spacing=None) -> None:
+    """Refuse, before any voxel is read, a volume that is not 3-D, is too large (MAX_VOXELS, and
+    MAX_GRID_VOXELS once resampled to `grid_spacing`), has no usable affine or absurd voxel sizes."""
+    shape = tuple(int(s) for s in shape)
+    if any(s <= 0 for s in shape):
+        raise VolumeError(path, f"zero-sized axis in shape {shape}" if 0 in shape else f"negative size in {shape}")
+    extent = sum(s > 1 for s in shape[:3])
+    if extent < 3:
+        what = ("a single voxel", "1-D line of voxels", "2-D image")[extent]
+        raise VolumeError(path, f"{what} (shape {shape}); a 3-D volume is needed")
+    n_vox = int(np.prod(shape[:3], dtype=np.int64))
+    if n_vox > max_voxels:
+        raise VolumeError(path, f"header claims {shape[:3]} = {n_vox:,} voxels, over the limit of {max_voxels:,}")
+    affine = np.asarray(affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise VolumeError(path, "invalid affine (singular or not finite)")
+    spacing = spacing_of(affine)
+    lo, hi = SPACING_RANGE_MM
+    if not all(lo <= s <= hi for s in spacing):
+        sizes = " x ".join(f"{s:.3g}" for s in spacing)
+        raise VolumeError(path, f"voxel size {sizes} mm is outside {lo}..{hi} mm: check pixdim and xyzt_units")
+    if grid_spacing is not None:
+        axes = nib.orientations.io_orientation(affine)[:, 0].astype(int)  # input axis -> canonical axis
+        grid = resampled_shape(shape[:3], spacing, np.asarray(grid_spacing, dtype=np.float64)[axes])
+        n_grid = int(np.prod(grid, dtype=np.int64))
+        if n_grid > MAX_GRID_VOXELS:
+            where = f"resampled to {tuple(grid_spacing)} mm it is {grid} = {n_grid:,} voxels"
+            raise VolumeError(path, f"{where}, over the limit of {MAX_GRID_VOXELS:,}")
+
+
+def _check_values(path, array: np.ndarray) -> None:
+    """Float voxels must be finite and within MAX_ABS_VALUE (min and max: no copy of the array)."""
+    if array.dtype.kind != "f":
+        return
+    lo, hi = float(array.min()), float(array.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise VolumeError(path, f"{bad:,} NaN or infinite voxels")
+    if max(-lo, hi) > MAX_ABS_VALUE:
+        raise VolumeError(path, f"voxel values {lo:.3g}..{hi:.3g}: beyond +-{MAX_ABS_VALUE:.0e}, not CT intensities")
 
 
 def is_oblique(affine: np.ndarray, tol: float = 1e-3) -> bool:
@@ -156,8 +273,10 @@ def is_oblique(affine: np.ndarray, tol: float = 1e-3) -> bool:
 
 
 def to_nifti(array: np.ndarray, affine: np.ndarray, header=None) -> nib.Nifti1Image:
-    """A NIfTI image with the reference header's qform/sform codes and exactly `affine`."""
-    img = nib.Nifti1Image(array, affine, header=header.copy() if header is not None else None)
+    """A NIfTI image with the reference header's qform/sform codes and exactly `affine`, and nothing of
+    the reference that can carry patient data (see without_private_fields)."""
+    header = without_private_fields(header) if header is not None else None
+    img = nib.Nifti1Image(array, affine, header=header)
     # A header that already describes `affine` is kept verbatim: recomputing its quaternion
     # from the affine would add float noise to the qform of an input we mean to copy.
     if header is not None and not np.array_equal(header.get_best_affine(), affine):
@@ -171,6 +290,22 @@ def to_nifti(array: np.ndarray, affine: np.ndarray, header=None) -> nib.Nifti1Im
     return img
 
 
+FREE_TEXT_FIELDS = ("descrip", "aux_file", "db_name", "data_type")
+
+
+def without_private_fields(header: nib.Nifti1Header) -> nib.Nifti1Header:
+    """A copy of `header` without its extensions (a DICOM extension holds the patient's name, birth date,
+    ...), its free-text fields and its intent: an output copies the input's geometry, nothing else."""
+    header = header.copy()
+    header.extensions.clear()
+    for name in FREE_TEXT_FIELDS:
+        if name in header.keys():
+            header[name] = b""
+    header.set_intent("none")
+    header.set_data_offset(header.single_vox_offset)  # no extensions left to skip
+    return header
+
+
 def save(img: nib.Nifti1Image, path) -> Path:
     """Write atomically: temp file in the target folder, fsync, then rename."""
     path = Path(path)
@@ -179,8 +314,8 @@ def save(img: nib.Nifti1Image, path) -> Path:
         raise VolumeError(path, f"output folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise VolumeError(path, f"output folder {folder} is not writable")
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix or ".nii.gz"
-    with atomic_path(path, suffix=suffix) as tmp:
+    suffix = "".join(path.suffixes[-2:]) if path.suffix.lower() in COMPRESSION_MAX_RATIO else path.suffix
+    with atomic_path(path, suffix=suffix or ".nii.gz") as tmp:
         nib.save(img, tmp)
     return path
 
@@ -282,7 +417,8 @@ def _block_mean(array: np.ndarray, step):
     3 mm this is several times faster and needs no full-size float32 copy. Returns the pooled
     array and the step and offset that map target voxels into it.
     """
-    k = np.maximum(np.floor(step).astype(int), 1)
+    # At most the axis' length: a 50-voxel axis at 0.006 mm going to 3 mm must not be padded to 500 voxels.
+    k = np.clip(np.floor(step).astype(int), 1, array.shape)
     if np.all(k == 1):
         return array.astype(np.float32, copy=False), step, np.zeros(3)
     pad = [(0, (-n) % kk) for n, kk in zip(array.shape, k)]
