@@ -30,6 +30,7 @@ UNEVEN_TOLERANCE = 0.1
 MAX_FILE_BYTES = 64 * 2**20
 """A deflated DICOM file may inflate to this much (a 512 x 512 CT slice is 0.5 MiB)."""
 DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
+MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"  # a DICOMDIR: an index of files, not an image
 
 
 def looks_like_dicom(path) -> bool:
@@ -106,8 +107,8 @@ def read_series(folder, *, max_voxels: int = MAX_VOXELS, grid_spacing=None) -> n
 def _read_headers(folder: Path) -> dict[str, list]:
     """SeriesInstanceUID -> [(path, dataset without pixels)] of every DICOM file in `folder`.
 
-    Files that are not DICOM (notes, thumbnails) are left out; a DICOM file that cannot be read
-    is an error, since the series it belongs to would silently lose a slice."""
+    Files that are not DICOM (notes, thumbnails) and a DICOMDIR are left out; a DICOM file that
+    cannot be read is an error, since the series it belongs to would silently lose a slice."""
     import pydicom
 
     series: dict[str, list] = defaultdict(list)
@@ -121,7 +122,11 @@ def _read_headers(folder: Path) -> dict[str, list]:
             raise
         except Exception as e:  # pydicom raises many types on a damaged file
             raise VolumeError(path, f"unreadable DICOM file ({_first_line(e)}); the series would miss it") from None
-        series[str(ds.get("SeriesInstanceUID", ""))].append((path, ds))
+        if ds.file_meta.get("MediaStorageSOPClassUID") == MEDIA_DIRECTORY:
+            continue
+        if "SeriesInstanceUID" not in ds:  # pydicom stops quietly where a file is cut short
+            raise VolumeError(path, "unreadable DICOM file (no SeriesInstanceUID); the series would miss it")
+        series[str(ds.SeriesInstanceUID)].append((path, ds))
     if not series:
         raise VolumeError(folder, "no DICOM images in this folder")
     return series

@@ -1,7 +1,9 @@
 """`liverkd infer` end to end, as a user runs it (subprocess, real files, a real ONNX engine)."""
 
+import gzip
 import json
 import os
+import shutil
 import subprocess
 
 import nibabel as nib
@@ -160,3 +162,108 @@ def test_dicom_series_folder(liverkd_cmd, engine, tmp_path):
     (line,) = [json.loads(s) for s in proc.stdout.splitlines()]
     assert line["output"] == str(tmp_path / "patient7_liver.nii.gz")
     assert nib.load(line["output"]).shape == (36, 40, 20)
+
+
+# ------------------------------------------------ outputs never replace what is there (issue 12, item 2)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_an_output_never_replaces_another_input_of_the_run(liverkd_cmd, engine, tmp_path):
+    scan = write_ct(tmp_path / "scan.nii.gz")
+    second = write_ct(tmp_path / "scan_liver.nii.gz", seed=1)  # a CT that happens to have scan's output name
+    ct_bytes = second.read_bytes()
+    for extra in ([], ["--overwrite"]):  # not even with --overwrite
+        proc = run(liverkd_cmd, scan, second, "--engine", engine, *extra)
+        assert proc.returncode == 1, proc.stderr
+        (line,) = error_lines(proc.stderr)
+        assert line.startswith(f"error: {scan}: {second}: output would overwrite an input of this run"), line
+        assert second.read_bytes() == ct_bytes
+        assert_same_geometry(tmp_path / "scan_liver_liver.nii.gz", second)  # the second input was segmented
+
+
+def test_existing_outputs_are_kept_unless_overwrite(liverkd_cmd, engine, tmp_path):
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    write_ct(ds / "case01.nii.gz")
+    write_ct(ds / "case02.nii.gz", seed=1)
+    reference = ds / "case01_liver.nii.gz"  # a reference label beside its CT, not an input (a *_liver name)
+    nib.save(nib.Nifti1Image(np.ones((40, 36, 28), np.uint8), np.eye(4)), reference)
+    label_bytes = reference.read_bytes()
+    proc = run(liverkd_cmd, ds, "--engine", engine)
+    assert proc.returncode == 1, proc.stderr
+    (line,) = error_lines(proc.stderr)
+    assert line.startswith(f"error: {ds / 'case01.nii.gz'}: {reference}: ")
+    assert line.endswith("output exists; not overwritten (--overwrite replaces it)")
+    assert reference.read_bytes() == label_bytes
+    mask = (ds / "case02_liver.nii.gz").read_bytes()
+
+    proc = run(liverkd_cmd, ds, "--engine", engine, "--stats")  # a re-run: nothing is replaced, and it says so
+    assert proc.returncode == 1 and len(error_lines(proc.stderr)) == 2, proc.stderr
+    assert reference.read_bytes() == label_bytes and (ds / "case02_liver.nii.gz").read_bytes() == mask
+    assert not (ds / "case02_liver.json").exists()  # refused before any work: no half of the outputs
+
+    proc = run(liverkd_cmd, ds, "--engine", engine, "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert_same_geometry(reference, ds / "case01.nii.gz")
+
+
+def test_an_existing_stats_file_is_kept_too(liverkd_cmd, engine, tmp_path):
+    src = write_ct(tmp_path / "ct.nii.gz")
+    (tmp_path / "ct_liver.json").write_text('{"mine": true}')
+    proc = run(liverkd_cmd, src, "--engine", engine, "--stats")
+    assert proc.returncode == 1 and "ct_liver.json: output exists" in proc.stderr, proc.stderr
+    assert (tmp_path / "ct_liver.json").read_text() == '{"mine": true}'
+    assert not (tmp_path / "ct_liver.nii.gz").exists()
+
+
+def in_mount_namespace(folder, mount_point, *cmd):
+    """`cmd` with `folder` bind-mounted on `mount_point`, in a private mount namespace (gone when cmd exits)."""
+    script = 'mount --bind "$0" "$1" && shift && exec "$@"'
+    argv = ["unshare", "-m", "sh", "-c", script, folder, mount_point, *cmd]
+    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="a bind mount needs root and unshare")
+def test_an_input_seen_through_a_bind_mount_is_never_replaced(liverkd_cmd, engine, tmp_path):
+    """`-o b/ct.nii.gz` where b is a bind mount of the input's folder: another path, the same file."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    src = write_ct(a / "ct.nii.gz")
+    ct_bytes = src.read_bytes()
+    if in_mount_namespace(a, b, "true").returncode != 0:
+        pytest.skip("bind mounts are not permitted here")
+    proc = in_mount_namespace(
+        a, b, *liverkd_cmd, "infer", src, "-o", b / "ct.nii.gz", "--overwrite", "--engine", engine
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "output would overwrite an input of this run" in proc.stderr
+    assert src.read_bytes() == ct_bytes
+
+
+# ------------------------------------------------ no patient data from the input's header (issue 12, item 7)
+
+
+def test_the_mask_carries_no_header_extension_or_free_text(liverkd_cmd, engine, tmp_path):
+    pydicom = pytest.importorskip("pydicom", reason="the optional extra `dicom` (pydicom) is not installed")
+    from nibabel.nifti1 import Nifti1DicomExtension, Nifti1Extension
+
+    dicom = pydicom.Dataset()
+    dicom.PatientName, dicom.PatientBirthDate, dicom.PatientID = "Doe^Jane", "19500101", "MRN-0042"
+    img = nifti(synthetic_ct((40, 36, 28)))
+    img.header.extensions += [Nifti1DicomExtension(2, dicom), Nifti1Extension(6, b"Doe^Jane, ward 7")]
+    img.header["descrip"], img.header["aux_file"], img.header["db_name"] = b"Doe^Jane", b"MRN-0042.txt", b"ward 7"
+    img.header.set_intent("estimate", name="Doe")
+    nib.save(img, tmp_path / "ct.nii.gz")
+    proc = run(liverkd_cmd, tmp_path / "ct.nii.gz", "--engine", engine)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "ct_liver.nii.gz"
+    raw = gzip.decompress(out.read_bytes())
+    assert not any(s in raw for s in (b"Doe", b"19500101", b"MRN", b"ward")), raw[:600]
+    header = nib.load(out).header
+    assert not header.extensions and header.get_intent() == ("none", (), "")
+    assert all(header[k].item() == b"" for k in ("descrip", "aux_file", "db_name"))
+    assert_same_geometry(out, tmp_path / "ct.nii.gz")

@@ -1,5 +1,7 @@
+import bz2
 import gzip
 import math
+import struct
 import tracemalloc
 import warnings
 
@@ -334,3 +336,185 @@ def test_max_voxels_limit(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert V.load(path).shape == (16, 16, 16)
+
+
+# ---------------------------------------------------------------- load: hostile headers (issue 12)
+
+
+def patched(path, edits):
+    """A copy of the NIfTI-1 file at `path` with raw header fields overwritten: [(offset, struct format, values)]."""
+    raw = bytearray(path.read_bytes())
+    for offset, fmt, *values in edits:
+        raw[offset : offset + struct.calcsize(fmt)] = struct.pack(fmt, *values)
+    out = path.with_name("patched_" + path.name)
+    out.write_bytes(bytes(raw))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("edits", "problem"),
+    [
+        ([(108, "<f", -1000.0)], "vox offset -1000 too low"),  # vox_offset
+        ([(70, "<h", 999)], "data code 999 not recognized"),  # datatype
+        ([(70, "<hh", 1536, 128)], "data code 1536 not supported"),  # float128
+        ([(108, "<f", 1e30)], "over the limit"),  # an OverflowError at HEAD
+        ([(40, "<h", 9)], "invalid NIfTI header"),  # dim[0]
+        ([(42, "<h", -5)], "negative size"),
+        ([(123, "<B", 7)], "unknown spatial unit code 7"),  # xyzt_units
+    ],
+    ids=["negative_vox_offset", "datatype_999", "float128", "vox_offset_1e30", "dim0_9", "negative_dim", "units_7"],
+)
+def test_headers_nibabel_cannot_read_are_one_line_volume_errors(tmp_path, edits, problem):
+    path = patched(save_nifti(tmp_path / "ct.nii", np.zeros((16, 16, 16), np.int16)), edits)
+    with pytest.raises(V.VolumeError, match=problem) as e:
+        V.load(path)
+    assert_one_line_naming(e.value, path)
+
+
+def _with_extension_claiming(path, esize: int):
+    """The file at `path` (vox_offset 352) rewritten with one 16-byte extension slot whose size field says `esize`."""
+    raw = path.read_bytes()
+    header = bytearray(raw[:348])
+    header[108:112] = struct.pack("<f", 368.0)
+    return bytes(header) + b"\x01\0\0\0" + struct.pack("<ii", esize, 6) + b"\0" * 8 + raw[352:]
+
+
+def test_header_extensions_are_never_read(tmp_path):
+    data = np.arange(16**3, dtype=np.int16).reshape(16, 16, 16)
+    good = save_nifti(tmp_path / "good.nii", data)
+    claims_2gb = tmp_path / "ext.nii"
+    claims_2gb.write_bytes(_with_extension_claiming(good, 2**31 - 16))  # nibabel: HeaderDataError
+    np.testing.assert_array_equal(V.load(claims_2gb).array, data)
+    assert not V.load(claims_2gb).header.extensions
+
+    # A 200 MB extension (in a 200 kB gzip) before an absurd shape: refused without reading it.
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.int16)
+    header.set_data_shape((30000, 30000, 30000))
+    esize = 200 * 2**20
+    header["vox_offset"] = 352 + esize
+    path = tmp_path / "ext_first.nii.gz"
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(header.binaryblock + b"\x01\0\0\0" + struct.pack("<ii", esize, 6))
+        for _ in range(200):
+            f.write(bytes(2**20))
+    tracemalloc.start()
+    try:
+        with pytest.raises(V.VolumeError, match="over the limit"):
+            V.load(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20e6, f"loading allocated {peak / 1e6:.0f} MB"
+
+
+@pytest.mark.parametrize(("unit", "pixdim"), [("meter", 0.0008), ("micron", 800.0), ("mm", 0.8)])
+def test_spatial_units_become_millimetres(tmp_path, unit, pixdim):
+    affine = np.diag([pixdim, pixdim, 2 * pixdim, 1.0])
+    affine[:3, 3] = [-50 * pixdim, 10 * pixdim, 3 * pixdim]
+    img = nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), affine)
+    img.header.set_xyzt_units(xyz=unit, t="sec")
+    nib.save(img, tmp_path / "ct.nii")
+    vol = V.load(tmp_path / "ct.nii")
+    np.testing.assert_allclose(vol.spacing, (0.8, 0.8, 1.6))
+    np.testing.assert_allclose(vol.affine[:3, 3], [-40.0, 8.0, 2.4])
+    out = nib.load(V.save(V.to_nifti(np.zeros((8, 8, 8), np.uint8), vol.affine, vol.header), tmp_path / "m.nii.gz"))
+    assert out.header.get_xyzt_units() == ("mm", "sec")  # so the mask says what its affine means
+    np.testing.assert_allclose(out.affine, vol.affine, rtol=1e-6)
+
+
+@pytest.mark.parametrize("spacing", [0.006, 0.04, 20.5, 40.0])
+def test_absurd_voxel_sizes_are_refused(tmp_path, spacing):
+    path = save_nifti(tmp_path / "ct.nii.gz", np.zeros((8, 8, 8), np.int16), np.diag([spacing] * 3 + [1.0]))
+    with pytest.raises(V.VolumeError, match=f"voxel size {spacing:.3g} x .* mm is outside 0.05..20") as e:
+        V.load(path)
+    assert_one_line_naming(e.value, path)
+
+
+def test_the_resampled_grid_is_limited_before_reading(tmp_path):
+    path = save_nifti(tmp_path / "ct.nii.gz", np.zeros((160, 160, 160), np.int16), np.diag([20.0] * 3 + [1.0]))
+    assert V.load(path).shape == (160, 160, 160)
+    with pytest.raises(V.VolumeError, match=r"resampled to \(3.0, 3.0, 3.0\) mm it is \(1067, 1067, 1067\)") as e:
+        V.load(path, grid_spacing=(3.0, 3.0, 3.0))
+    assert_one_line_naming(e.value, path)
+    assert "134,217,728" in str(e.value)
+
+
+def test_resampling_a_short_axis_by_a_large_factor_does_not_pad_it(tmp_path):
+    tracemalloc.start()
+    try:
+        out = V.resample(np.ones((20, 20, 20), np.int16), (0.006, 0.006, 0.006), (3.0, 3.0, 3.0))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.shape == (1, 1, 1) and out[0, 0, 0] == pytest.approx(1.0)
+    assert peak < 5e6, f"resampling 8000 voxels allocated {peak / 1e6:.0f} MB"  # HEAD padded to 500^3: 250 MB
+
+
+def test_voxel_data_over_the_byte_limit_is_refused_before_allocating(tmp_path):
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.float64)
+    header.set_data_shape((1024, 1024, 1000))  # 8.4 GB, under MAX_VOXELS
+    path = tmp_path / "big.nii.bz2"
+    with bz2.open(path, "wb") as f:
+        header.write_to(f)
+        f.write(bytes(4096))
+    with pytest.raises(V.VolumeError, match="header claims 8,388,608,000 bytes of voxels, over the limit") as e:
+        V.load(path)
+    assert_one_line_naming(e.value, path)
+
+
+def test_a_valid_nii_bz2_is_read_and_written(tmp_path):
+    data = np.arange(8 * 9 * 10, dtype=np.int16).reshape(8, 9, 10)
+    path = save_nifti(tmp_path / "ct.nii.bz2", data)
+    np.testing.assert_array_equal(V.load(path).array, data)
+    out = V.save(V.to_nifti(data, np.eye(4)), tmp_path / "copy.nii.bz2")
+    np.testing.assert_array_equal(V.load(out).array, data)
+
+
+@pytest.mark.parametrize(
+    ("values", "problem"),
+    [([1e308, -1e308], r"voxel values -1e\+308..1e\+308: beyond"), ([np.inf, 0.0], "1 NaN or infinite")],
+    ids=["1e308", "inf"],
+)
+def test_float64_values_that_overflow_float32_are_refused(tmp_path, values, problem):
+    data = np.zeros((8, 8, 8), np.float64)
+    data[0, 0, :2] = values
+    path = save_nifti(tmp_path / "ct.nii.gz", data)
+    with pytest.raises(V.VolumeError, match=problem) as e:
+        V.load(path)
+    assert_one_line_naming(e.value, path)
+
+
+@pytest.mark.parametrize(
+    ("shape", "what"), [((1, 1, 1), "a single voxel"), ((16, 1, 1), "1-D line of voxels"), ((16, 1, 16), "2-D image")]
+)
+def test_what_is_not_3d_is_named_for_what_it_is(tmp_path, shape, what):
+    path = save_nifti(tmp_path / "flat.nii.gz", np.zeros(shape, np.int16))
+    with pytest.raises(V.VolumeError) as e:
+        V.load(path)
+    assert str(e.value).startswith(f"{path}: {what} (shape {shape})"), str(e.value)
+
+
+def test_outputs_keep_no_extension_free_text_or_intent(tmp_path):
+    from nibabel.nifti1 import Nifti1Extension
+
+    img = nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.eye(4))
+    img.header.extensions.append(Nifti1Extension(6, b"PatientName=Doe^Jane; PatientBirthDate=19500101"))
+    img.header["descrip"] = b"Doe^Jane 1950"
+    img.header["aux_file"] = b"doe_jane.txt"
+    img.header["db_name"] = b"ward 7"
+    img.header.set_intent("t test", (5.0,), name="Doe")
+    nib.save(img, tmp_path / "ct.nii")
+    vol = V.from_image(nib.load(tmp_path / "ct.nii"))
+    out = V.save(V.to_nifti(np.ones((8, 8, 8), np.uint8), vol.affine, vol.header), tmp_path / "mask.nii")
+    assert b"Doe" not in out.read_bytes() and b"ward" not in out.read_bytes()
+    header = nib.load(out).header
+    assert not header.extensions and header.get_intent() == ("none", (), "")
+    assert (header["descrip"].item(), header["aux_file"].item(), header["db_name"].item()) == (b"", b"", b"")
+
+
+def test_names_in_messages_are_escaped_to_one_line():
+    assert V.printable("a\nb\tc\x1b[31m\udcff\u202e é.nii") == "a\\nb\\tc\\x1b[31m\\udcff\\u202e é.nii"
+    error = V.VolumeError("new\nline.nii.gz", "bad\rthing")
+    assert str(error) == "new\\nline.nii.gz: bad\\rthing"

@@ -55,6 +55,9 @@ def evaluate(
     pred: Path = typer.Argument(..., metavar="PRED", help="Predicted mask (.nii/.nii.gz) or a folder of them."),
     label: Path = typer.Argument(..., metavar="LABEL", help="Reference mask or a folder of them (paired by name)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per case on stdout, nothing else."),
+    hd95: str = typer.Option(
+        "max", "--hd95", help="max: the larger directed 95th percentile (MONAI, nnU-Net); pooled: both sets (MedPy)."
+    ),
 ):
     """Score predicted liver masks against reference masks (Dice, IoU, HD95, ASSD, RVD)."""
     from rich.console import Console
@@ -68,6 +71,9 @@ def evaluate(
         typer.echo(f"error: {message}", err=True)
         raise typer.Exit(1)
 
+    if hd95 not in ("max", "pooled"):
+        typer.echo(f"error: --hd95 {hd95!r}: choose max or pooled", err=True)
+        raise typer.Exit(2)
     for path in (pred, label):
         if not path.exists():
             fail(f"{path}: no such file or folder")
@@ -88,7 +94,7 @@ def evaluate(
     with Progress(console=Console(stderr=True), transient=True, disable=len(pairs) < 2) as progress:
         for case, pred_path, label_path in progress.track(pairs, description="evaluating"):
             try:
-                metrics = evaluate_files(pred_path, label_path)
+                metrics = evaluate_files(pred_path, label_path, hd95)
             except VolumeError as e:
                 progress.console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
                 failed += 1

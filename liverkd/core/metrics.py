@@ -8,8 +8,11 @@ cross, with the outside of the array counting as background (a mask cut by the f
 has a surface on that face). For every surface voxel of one mask we take the Euclidean
 distance, in mm, to the nearest surface voxel of the other (scipy's exact EDT with
 `sampling=spacing`), in both directions.
-  - hd95: the 95th percentile of the two directed distance sets pooled together
-    (numpy's default linear interpolation). hd95 of a mask with itself is 0.
+  - hd95 ("max", the default): the larger of the two directed 95th percentiles, the
+    definition of MONAI's `compute_hausdorff_distance(percentile=95)` and nnU-Net, so numbers
+    compare with papers that use them. "pooled": the 95th percentile of both directed sets
+    pooled together (MedPy's `hd95`); it is never larger. numpy's default linear
+    interpolation either way; hd95 of a mask with itself is 0.
   - assd: the mean of the two directed distance sets pooled together.
 Everything is computed on the bounding box of both masks plus a one-voxel margin (clipped
 to the array), which gives the same numbers as the whole array (see `_cropped`), so a
@@ -111,26 +114,35 @@ def surface_distances(a, b, spacing) -> tuple[np.ndarray, np.ndarray] | None:
     return to_b[surf_a], to_a[surf_b]
 
 
-def _hd95_assd(a, b, spacing) -> tuple[float, float]:
+HD95_MODES = ("max", "pooled")
+
+
+def _hd95_assd(a, b, spacing, mode: str = "max") -> tuple[float, float]:
+    if mode not in HD95_MODES:
+        raise ValueError(f"hd95 mode must be one of {', '.join(HD95_MODES)}, got {mode!r}")
     d = surface_distances(a, b, spacing)
     if d is None:
         return (0.0, 0.0) if not (np.any(a) or np.any(b)) else (math.inf, math.inf)
     pooled = np.concatenate(d)
-    return float(np.percentile(pooled, 95)), float(pooled.mean())
+    if mode == "max":
+        hd = max(float(np.percentile(d[0], 95)), float(np.percentile(d[1], 95)))
+    else:
+        hd = float(np.percentile(pooled, 95))
+    return hd, float(pooled.mean())
 
 
-def hd95(a, b, spacing) -> float:
-    return _hd95_assd(a, b, spacing)[0]
+def hd95(a, b, spacing, mode: str = "max") -> float:
+    return _hd95_assd(a, b, spacing, mode)[0]
 
 
 def assd(a, b, spacing) -> float:
     return _hd95_assd(a, b, spacing)[1]
 
 
-def evaluate_masks(pred, ref, spacing) -> dict[str, float]:
+def evaluate_masks(pred, ref, spacing, hd95_mode: str = "max") -> dict[str, float]:
     """All metrics of `pred` against `ref`: keys dice, iou, hd95 (mm), assd (mm), rvd."""
     pred, ref = _cropped(*_masks(pred, ref))
-    hd, mean = _hd95_assd(pred, ref, spacing)
+    hd, mean = _hd95_assd(pred, ref, spacing, hd95_mode)
     return {
         "dice": dice(pred, ref),
         "iou": iou(pred, ref),
@@ -140,7 +152,7 @@ def evaluate_masks(pred, ref, spacing) -> dict[str, float]:
     }
 
 
-def evaluate_files(pred_path, ref_path) -> dict[str, float]:
+def evaluate_files(pred_path, ref_path, hd95_mode: str = "max") -> dict[str, float]:
     """evaluate_masks on two NIfTI masks that must share shape and affine (VolumeError if not)."""
     pred, ref = load(pred_path), load(ref_path)
     if pred.shape != ref.shape:
@@ -150,7 +162,7 @@ def evaluate_files(pred_path, ref_path) -> dict[str, float]:
             pred_path,
             f"affine differs from {ref_path} (max difference {np.abs(pred.affine - ref.affine).max():.4g})",
         )
-    return evaluate_masks(pred.array, ref.array, ref.spacing)
+    return evaluate_masks(pred.array, ref.array, ref.spacing, hd95_mode)
 
 
 def to_jsonable(metrics: dict) -> dict:
