@@ -236,9 +236,7 @@ def test_an_input_seen_through_a_bind_mount_is_never_replaced(liverkd_cmd, engin
     ct_bytes = src.read_bytes()
     if in_mount_namespace(a, b, "true").returncode != 0:
         pytest.skip("bind mounts are not permitted here")
-    proc = in_mount_namespace(
-        a, b, *liverkd_cmd, "infer", src, "-o", b / "ct.nii.gz", "--overwrite", "--engine", engine
-    )
+    proc = in_mount_namespace(a, b, *liverkd_cmd, "infer", src, "-o", b / "ct.nii.gz", "--engine", engine)
     assert proc.returncode == 1, proc.stderr
     assert "output would overwrite an input of this run" in proc.stderr
     assert src.read_bytes() == ct_bytes

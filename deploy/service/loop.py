@@ -332,7 +332,7 @@ class Service:
             with warnings.catch_warnings():  # they go into the log record and the stats
                 warnings.simplefilter("ignore")
                 with clock.stage("read"):
-                    vol = V.load(path, max_voxels=self.cfg.max_voxels)
+                    vol = V.load(path, max_voxels=self.cfg.max_voxels, grid_spacing=self.seg.spec.spacing)
                 seg = self.seg.segment_volume(vol)
         except V.VolumeError as e:
             raise InputFault("read", f"{claim.name}: {e.problem}", type(e).__name__) from None

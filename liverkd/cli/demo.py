@@ -61,7 +61,17 @@ def demo_steps(config: str, out: Path, calib: Path) -> list[tuple[str, list[str]
         ),
         (
             "Infer on the held-out phantoms",
-            ["infer", str(test / "imagesTr"), "-o", str(out / "masks"), "--engine", str(fp32), "--stats", "--preview"],
+            [
+                "infer",
+                str(test / "imagesTr"),
+                "-o",
+                str(out / "masks"),
+                "--engine",
+                str(fp32),
+                "--stats",
+                "--preview",
+                "--overwrite",
+            ],
             f"{out}/masks/*_liver.nii.gz (+ .json stats, .png overlays)",
         ),
         ("Evaluate against their labels", ["evaluate", str(out / "masks"), str(test / "labelsTr")], "Dice, HD95, ASSD"),
@@ -72,7 +82,7 @@ def demo_steps(config: str, out: Path, calib: Path) -> list[tuple[str, list[str]
         steps += [
             (
                 f"The packaged model (no --engine) on the real CT {case} (../shared/data, validation only)",
-                ["infer", str(SHARED / "real_ct" / f"{case}_ct.nii.gz"), "-o", str(mask), "--preview"],
+                ["infer", str(SHARED / "real_ct" / f"{case}_ct.nii.gz"), "-o", str(mask), "--preview", "--overwrite"],
                 f"{mask} (+ .png)",
             ),
             (

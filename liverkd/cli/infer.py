@@ -155,7 +155,7 @@ def infer(
             claimed[key] = label
             try:
                 with warnings.catch_warnings(record=True) as caught:  # shown below, one line each, on success
-                    warnings.simplefilter("always")
+                    warnings.simplefilter("ignore", VolumeWarning)  # they are in result.warnings
                     result = segmenter.segment_file(
                         path, out_path, stats=stats, preview=preview, overwrite=overwrite, inputs=run_inputs
                     )
@@ -165,8 +165,7 @@ def infer(
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 report_error(label, f"{type(e).__name__}: {first}")
             else:
-                others = [str(w.message) for w in caught if not issubclass(w.category, VolumeWarning)]
-                for w in result.warnings + others:
+                for w in result.warnings + [str(w.message) for w in caught]:
                     say(f"warning: {printable(label)}: {printable(w)}")
                 if json_lines:
                     print(json.dumps(result.to_dict()), flush=True)

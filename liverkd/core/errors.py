@@ -25,4 +25,4 @@ class LiverkdError(Exception):
         else:
             self.path, self.problem = str(path_or_message), problem
             message = f"{self.path}: {problem}"
-        super().__init__(" ".join(message.split()))  # one line, whatever the problem held
+        super().__init__(" ".join(message.splitlines()))  # one line, whatever the problem held
