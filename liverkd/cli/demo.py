@@ -103,6 +103,7 @@ def demo_steps(config: str, out: Path, calib: Path) -> list[tuple[str, list[str]
                     "--engine",
                     str(fp32),
                     "--preview",
+                    "--overwrite",
                 ],
                 f"{out}/real_ct_liver.nii.gz",
             ),

@@ -76,7 +76,7 @@ def build_engine(
                 workspace_mib=workspace,
                 min_agreement=min_agreement,
                 cuda_binding=cuda_binding,
-                log=console.print,
+                log=lambda message: console.print(message, markup=False),
             )
     except (BuildError, CalibrationError, ExportError, RunnerError, VolumeError, ValueError) as e:
         _fail(str(e))
