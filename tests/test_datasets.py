@@ -138,11 +138,11 @@ def test_json_list(tmp_path):
 def test_phantom_dataset_is_msd(tmp_path):
     from liverkd.core.synth import write_dataset
 
-    pairs = write_dataset(tmp_path, 2, seed=1, shape=(16, 16, 16), progress=False)
+    pairs = write_dataset(tmp_path, 2, seed=1, shape=(24, 24, 24), progress=False)
     cases = discover(tmp_path)
     assert [(c.image.resolve(), c.label.resolve()) for c in cases] == [(a.resolve(), b.resolve()) for a, b in pairs]
     image, label = load_case(cases[0])
-    assert image.shape == label.shape == (16, 16, 16)
+    assert image.shape == label.shape == (24, 24, 24)
 
 
 # ---------------------------------------------------------------- errors
