@@ -66,10 +66,20 @@ def load_torch_model(checkpoint, data: bytes | None = None):
     return model, spec, payload
 
 
+def require_torch():
+    """torch, or a one-line ExportError naming the extra (export and checkpoints need the training side)."""
+    try:
+        import torch
+    except ImportError:
+        raise ExportError("exporting a checkpoint needs torch: pip install 'liverkd[train]'") from None
+    return torch
+
+
 def export_onnx(checkpoint, out, *, dynamic: bool = False, min_agreement: float = MIN_PARITY_AGREEMENT) -> ExportResult:
     """Export, simplify, tag and parity-check; `out` is written only when parity holds."""
     import onnx
-    import torch
+
+    torch = require_torch()
 
     checkpoint = Path(checkpoint)
     out = Path(out)

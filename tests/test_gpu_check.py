@@ -13,6 +13,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
 
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="the GPU check times PyTorch: needs torch")
 def test_gpu_check_cpu_mode_writes_a_table(tmp_path):
     out = tmp_path / "gpu_check.md"
     cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--runs", "2", "--size", "16"]
