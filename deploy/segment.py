@@ -104,7 +104,7 @@ class SegmentResult:
 
 
 def strip_nifti_suffix(name: str) -> str:
-    for suffix in (".nii.gz", ".nii"):
+    for suffix in (".nii.gz", ".nii.bz2", ".nii"):
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
