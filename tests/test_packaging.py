@@ -40,6 +40,10 @@ def test_the_wheel_has_one_top_level_package(wheel):
         assert top_level == {"liverkd", info}
         if f"{info}/top_level.txt" in names:
             assert z.read(f"{info}/top_level.txt").decode().split() == ["liverkd"]
+    packaged = [p.relative_to(ROOT).as_posix() for p in (ROOT / "liverkd" / "models").glob("*/*") if p.suffix != ".pt"]
+    assert "liverkd/models/student-30k/model.onnx" in packaged and "liverkd/models/MODEL_CARD.md" in names
+    for path in packaged:  # the default models ship inside the wheel
+        assert path in names, f"{path} is not in the wheel"
     for folder, installed in SOURCES.items():
         for path in (ROOT / folder).rglob("*.py"):
             rel = path.relative_to(ROOT / folder).as_posix()
