@@ -130,18 +130,18 @@ def build_engine(
 
 
 def _build_into(
-    tmp,
-    out,
-    source,
-    precision,
-    backend,
-    calib_files,
+    tmp: Path,
+    out: Path,
+    source: Path,
+    precision: str,
+    backend: str,
+    calib_files: list[Path] | None,
     calib_data,
-    calib_method,
-    workspace_mib,
-    min_agreement,
-    cuda_binding,
-    log,
+    calib_method: str,
+    workspace_mib: int,
+    min_agreement: float,
+    cuda_binding: str,
+    log: Callable[[str], None],
 ) -> None:
     """Every file into `tmp`, then the accuracy gate, then engine.json: written last, only when the gate passed."""
     files = {"onnx": "model.onnx"}

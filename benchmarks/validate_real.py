@@ -1,6 +1,6 @@
 """Dice / HD95 / ASSD of engine bundles on the real CTs in ../shared/data, at native resolution.
 
-    .venv/bin/python benchmarks/real_ct.py [--engine NAME_OR_DIR ...] [--out runs/real_ct] [--results docs/results.md]
+    .venv/bin/python benchmarks/validate_real.py [--engine NAME_OR_DIR ...] [--out runs/real_ct] [--results docs/results.md]
 
 Default engines: every packaged model (liverkd/models). Cases: ../shared/data/real_ct
 (3D-IRCADb-01 patients 1 and 7, manual masks; TotalSegmentator's example CT, its own mask) and
@@ -67,7 +67,7 @@ def score(seg: Segmenter, image: V.Volume, ref: np.ndarray) -> dict:
 
 def markdown(rows: list[dict], machine: str) -> str:
     lines = [
-        f"`python benchmarks/real_ct.py` on {machine}. Dice, HD95 and ASSD at the input's native resolution; "
+        f"`python benchmarks/validate_real.py` on {machine}. Dice, HD95 and ASSD at the input's native resolution; "
         "'nearest' is the old way back (3 mm mask, nearest neighbour), scored from the same network output.",
         "",
         "| engine | case | Dice | HD95 mm | ASSD mm | Dice (nearest) | HD95 (nearest) | s |",
