@@ -1,6 +1,6 @@
 """Dice / HD95 / ASSD of engine bundles on the real CTs in ../shared/data, at native resolution.
 
-    .venv/bin/python benchmarks/validate_real.py [--engine NAME_OR_DIR ...] [--out runs/real_ct] [--results docs/results.md]
+    .venv/bin/python benchmarks/validate_real.py [--engine NAME_OR_DIR ...] [--out DIR] [--results docs/results.md]
 
 Default engines: every packaged model (liverkd/models). Cases: ../shared/data/real_ct
 (3D-IRCADb-01 patients 1 and 7, manual masks; TotalSegmentator's example CT, its own mask) and
