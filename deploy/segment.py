@@ -12,6 +12,7 @@ torch predictor. profile and the runner reuse this class; there is no second cop
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -48,7 +49,7 @@ class Segmentation:
     def image(self) -> nib.Nifti1Image:
         return mask_image(self.mask, self.volume)
 
-    @property
+    @functools.cached_property  # a full-resolution pass: read by the result and the stats
     def liver_voxels(self) -> int:
         return int(np.count_nonzero(self.mask))
 
@@ -56,7 +57,7 @@ class Segmentation:
     def liver_ml(self) -> float:
         return self.liver_voxels * float(np.prod(self.volume.spacing)) / 1000.0
 
-    @property
+    @functools.cached_property  # a full-resolution pass: read by the result and the stats
     def mean_hu(self) -> float | None:
         """Mean input intensity inside the mask (HU for CT); None when the mask is empty."""
         voxels = self.liver_voxels
