@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 # Every other package too: the versions CI passed with (the pyproject ranges stay for users).
 PIN := -c constraints.txt
-SOURCES := liverkd distill deploy tests benchmarks
+SOURCES := liverkd distill deploy configs tests benchmarks
 
 .PHONY: demo test test-py310 lint format bench constraints constraints-py310 clean
 
@@ -14,7 +14,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(PIN) --upgrade pip
 	$(BIN)/pip install -q $(PIN) $(TORCH)
-	$(BIN)/pip install -q $(PIN) -e '.[train,dev,dicom,openvino]'
+	$(BIN)/pip install -q $(PIN) -e '.[train,plot,build,dev,dicom,openvino,fast]'
 	touch $@
 
 # The suite a second time on Python 3.10 (JetPack 6's Python) with what pip resolves there and no
@@ -25,7 +25,7 @@ VENV310 := .venv310
 $(VENV310)/bin/.installed: pyproject.toml constraints-py310.txt
 	$(PY310) -m venv $(VENV310)
 	$(VENV310)/bin/pip install -q -c constraints-py310.txt --upgrade pip
-	$(VENV310)/bin/pip install -q -c constraints-py310.txt -e '.[dev,dicom,openvino]'
+	$(VENV310)/bin/pip install -q -c constraints-py310.txt -e '.[plot,build,dev,dicom,openvino,fast]'
 	touch $@
 
 test-py310: $(VENV310)/bin/.installed

@@ -252,6 +252,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=270.0, help="skip what is left after this many seconds")
     ap.add_argument("--out", type=Path, default=None, help="write the table as markdown here")
     ap.add_argument("--cuda-binding", default="auto", help="the TensorRT rows' CUDA binding: auto, cuda-python, pycuda")
+    ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end rows (CuPy: CT in memory -> mask)")
     args = ap.parse_args(argv)
 
     import torch
@@ -315,11 +316,83 @@ def main(argv=None) -> int:
                     torch.cuda.synchronize()
                     torch.cuda.empty_cache()
     text = markdown(env, INPUT_SHAPE, rows, skipped, args.runs, time.perf_counter() - t_start)
+    if not args.no_e2e:
+        try:
+            text += end_to_end(device, min(args.runs, 10))
+        except ImportError as e:  # nibabel or scipy missing on a bare GPU image: carry them as wheels
+            text += f"\nEnd to end skipped: {e}\n"
     print("\n" + text)
     if args.out:
         args.out.write_text(text)
         print(f"wrote {args.out}")
     return 0
+
+
+E2E_SHAPE, E2E_SPACING = (512, 512, 300), (0.7, 0.7, 1.0)
+
+
+def e2e_ct(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A 512x512x300 int16 CT in memory: a 3 mm synthetic case (liverkd.core.synth) resampled."""
+    from liverkd.core import volume as V
+    from liverkd.core.synth import synth
+
+    extent = np.asarray(E2E_SHAPE) * np.asarray(E2E_SPACING)
+    coarse, _, _ = synth(seed, tuple(int(round(e / 3.0)) for e in extent), 3.0)
+    fine = V.resample(coarse.array, (3.0,) * 3, E2E_SPACING, out_shape=E2E_SHAPE)
+    return np.round(fine).astype(np.int16), np.diag([*E2E_SPACING, 1.0])
+
+
+def end_to_end(device: str, runs: int) -> str:
+    """The whole `liverkd infer` path with the packaged student-30k: CT in memory -> mask (and
+    file -> file), on the CPU and, with CuPy and ONNX Runtime's CUDA provider, on the GPU
+    (Segmenter(device="cuda"): one upload, one download). Medians over `runs`."""
+    import statistics
+
+    import nibabel as nib
+
+    from liverkd import models
+    from liverkd.deploy.segment import Segmenter
+
+    array, affine = e2e_ct()
+    lines = ["", f"## End to end: CT {E2E_SHAPE} int16 in memory -> uint8 mask (packaged {models.DEFAULT})", ""]
+    lines += ["| path | median ms | min ms | Dice vs CPU |", "|---|---:|---:|---:|"]
+    configs = [("CPU (numpy, ONNX Runtime CPU)", dict(backend="onnxruntime", device="cpu"))]
+    if device != "cpu":
+        configs.append(("GPU (CuPy, ONNX Runtime CUDA, IO binding)",
+                        dict(backend="onnxruntime", device="cuda", providers=["CUDAExecutionProvider"])))  # fmt: skip
+    reference = None
+    with tempfile.TemporaryDirectory() as tmp:
+        ct_file = Path(tmp) / "ct.nii.gz"
+        nib.save(nib.Nifti1Image(array, affine), ct_file)
+        for label, options in configs:
+            try:
+                with Segmenter.load(models.path(models.DEFAULT), **options) as seg:
+                    seg.segment_array(array, affine)  # warm-up: engine, CuPy kernels, allocator
+                    times, mask = [], None
+                    for _ in range(runs):
+                        t = time.perf_counter()
+                        mask = seg.segment_array(array, affine).mask
+                        times.append(time.perf_counter() - t)
+                    file_times = []
+                    for _ in range(max(2, runs // 3)):
+                        t = time.perf_counter()
+                        seg.segment_file(ct_file, Path(tmp) / "mask.nii.gz")
+                        file_times.append(time.perf_counter() - t)
+            except Exception as e:  # a path must never take the others down
+                lines.append(
+                    f"| {label} | skipped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} | | |"
+                )
+                continue
+            reference = mask if reference is None else reference
+            both = reference.sum() + mask.sum()
+            dice = 2 * np.logical_and(reference, mask).sum() / both if both else 1.0
+            lines.append(
+                f"| {label}, in memory | {1000 * statistics.median(times):.1f} | {1000 * min(times):.1f} | {dice:.4f} |"
+            )
+            lines.append(f"| {label}, file -> file | {1000 * statistics.median(file_times):.1f} | "
+                         f"{1000 * min(file_times):.1f} | |")  # fmt: skip
+            print(lines[-2], lines[-1], sep="\n", flush=True)
+    return "\n".join(lines) + "\n"
 
 
 def variants(name, model, device, tmp, cuda_binding="auto"):

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _results import replace_block
 
 from liverkd import models
 from liverkd.core import volume as V
@@ -42,7 +43,6 @@ CASES = {
     "tsexample": ("real_ct/tsexample_ct.nii.gz", "real_ct/tsexample_liver.nii.gz"),
     "ct_3mm": ("totalseg_example/ct_3mm.nii.gz", "totalseg_example/liver_ref_3mm.nii.gz"),
 }
-BEGIN, END = "<!-- real-ct:begin -->", "<!-- real-ct:end -->"
 
 
 def cases(shared: Path) -> dict[str, tuple[Path, Path]]:
@@ -80,18 +80,6 @@ def markdown(rows: list[dict], machine: str) -> str:
             f"{n['dice']:.3f} | {n['hd95']:.1f} | {r['seconds']:.1f} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def replace_block(path: Path, block: str) -> None:
-    text = path.read_text() if path.is_file() else ""
-    new = f"{BEGIN}\n{block}{END}"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + new + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip() + "\n\n" + new + "\n"
-    from liverkd.core.atomic import write_text
-
-    write_text(path, text)
 
 
 def main(argv=None) -> int:
@@ -136,7 +124,7 @@ def main(argv=None) -> int:
     table = markdown(rows, machine)
     print(table)
     if args.results:
-        replace_block(args.results, table)
+        replace_block(args.results, "real-ct", table)
         print(f"table written into {args.results}")
     return 0
 

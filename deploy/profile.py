@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from liverkd.core import accel
 from liverkd.core import volume as V
 from liverkd.core.atomic import atomic_path, write_json, write_text
 from liverkd.core.timing import STAGES
@@ -411,6 +412,8 @@ class Report:
             for k in STAT_KEYS[1:]:
                 table.add_column(k, justify="right", no_wrap=True)
             table.add_column("%p50", justify="right", no_wrap=True)
+            paths = cfg.get("stage_paths", {})
+            table.add_column("path", no_wrap=True, style="dim")
             for stage, s in stats.items():
                 is_total = stage == TOTAL
                 share = "" if is_total or not total_p50 else f"{100 * (s['p50'] or 0) / total_p50:.1f}"
@@ -418,6 +421,7 @@ class Report:
                     f"[bold]{stage}[/bold]" if is_total else stage,
                     *[_ms(s[k]) for k in STAT_KEYS[1:]],
                     share,
+                    paths.get(stage, ""),
                     end_section=stage == UNACCOUNTED,
                 )
             console.print(table)
@@ -539,6 +543,7 @@ def profile(
         "warmup": warmup,
         "runs": runs,
         "interleaved": True,
+        "stage_paths": accel.stage_paths(),  # which implementation each stage took (the fast path, or plain)
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     return Report(device=device_facts(), config=config, results=results)

@@ -12,6 +12,7 @@ torch predictor. profile and the runner reuse this class; there is no second cop
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -23,14 +24,16 @@ import nibabel as nib
 import numpy as np
 
 from liverkd.core import volume as V
+from liverkd.core import xp
 from liverkd.core.atomic import write_text
-from liverkd.core.inference import segment_volume
+from liverkd.core.inference import THRESHOLD, segment_probability
 from liverkd.core.timing import RUNNER_STAGES, STAGES, Clock
 from liverkd.deploy.backends.base import open_runner
 from liverkd.deploy.bundle import Bundle
 
-__all__ = ["STAGES", "Segmentation", "SegmentResult", "Segmenter", "stats_record"]
+__all__ = ["STAGES", "Segmentation", "SegmentResult", "Segmenter", "segment", "stats_record"]
 CT_DTYPES = {np.dtype(t) for t in ("int16", "uint16", "int32", "float32")}
+DEVICES = ("cpu", "cuda")
 ANISOTROPY_WARN = 3.0
 """Warn when the largest voxel side is more than this times the smallest."""
 
@@ -44,6 +47,8 @@ class Segmentation:
     volume: V.Volume
     timings: dict[str, float]
     warnings: list[str]
+    probability: np.ndarray | None = None
+    """float32 liver probability on the input's voxel grid (only when asked for: a full-size float array)."""
 
     @property
     def image(self) -> nib.Nifti1Image:
@@ -199,7 +204,17 @@ def check_output(out_path, in_path=None, *, overwrite: bool = True, inputs=froze
 class Segmenter:
     """A loaded engine bundle + Runner, and the way from a CT volume to a liver mask."""
 
-    def __init__(self, bundle: Bundle, runner, *, overlap: float = 0.25):
+    def __init__(self, bundle: Bundle, runner, *, overlap: float = 0.25, device: str = "cpu"):
+        """`device`: where the pre- and post-processing run. "cuda": the volume is uploaded once
+        (CuPy) and stays on the GPU until the uint8 mask comes back; the same functions as on
+        the CPU, through liverkd.core.xp."""
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+        if device == "cuda":
+            from liverkd.deploy.backends.base import require
+
+            require("cupy", "--device cuda needs CuPy for the GPU pre- and post-processing: pip install cupy-cuda12x")
+        self.device = device
         self.bundle = bundle
         self.runner = runner
         self.spec = bundle.spec
@@ -209,26 +224,50 @@ class Segmenter:
         self.roi_size = tuple(shape) if all(isinstance(s, int) for s in shape) else self.spec.input_shape
 
     @classmethod
-    def load(cls, path, backend: str = "auto", *, overlap: float = 0.25, **runner_options) -> Segmenter:
+    def load(cls, path, backend: str = "auto", *, overlap: float = 0.25, device: str = "cpu",
+             **runner_options) -> Segmenter:  # fmt: skip
         """Open an engine bundle folder (or a Bundle) on `backend`: auto, onnxruntime, tensorrt, torch, openvino."""
         bundle = path if isinstance(path, Bundle) else Bundle.load(path)
-        return cls(bundle, open_runner(bundle, backend, **runner_options), overlap=overlap)
+        return cls(bundle, open_runner(bundle, backend, **runner_options), overlap=overlap, device=device)
 
     def describe(self) -> str:
         return f"{self.bundle.name} ({self.bundle.path}) on {self.runner.describe()}"
 
     # ------------------------------------------------------------ public API
 
-    def segment(self, img: nib.spatialimages.SpatialImage) -> Segmentation:
-        """nibabel image in -> Segmentation (`.image`: uint8 mask with exactly its shape and affine)."""
+    def segment(self, source, *, probability: bool = False) -> Segmentation:
+        """A CT in -> Segmentation (`.image`: uint8 mask with exactly the input's shape and affine).
+
+        `source`: a path (NIfTI file or DICOM series folder), a nibabel image, or an
+        (array, affine) pair (voxels in memory, affine voxel -> RAS mm). `probability`: also
+        return the liver probability on the input's voxels (`.probability`, float32)."""
+        if isinstance(source, tuple):
+            if len(source) != 2:
+                raise TypeError("segment((array, affine)): a pair, the voxels and their 4x4 affine")
+            return self.segment_array(*source, probability=probability)
         clock = Clock()
         with clock.stage("read"):  # voxels out of the image and validated; ~0 for in-memory arrays
-            vol = V.from_image(img, img.get_filename() or "<image>")
-        return self._segment(vol, clock)
+            if isinstance(source, (str, os.PathLike)):
+                vol = read_input(source, self.spec.spacing)
+            elif isinstance(source, nib.spatialimages.SpatialImage):
+                vol = V.from_image(source, source.get_filename() or "<image>", grid_spacing=self.spec.spacing)
+            else:
+                kind = type(source).__name__
+                raise TypeError(f"segment() takes a path, a nibabel image or (array, affine), not {kind}")
+        return self._segment(vol, clock, probability=probability)
 
-    def segment_volume(self, vol: V.Volume) -> Segmentation:
+    def segment_array(self, array, affine, *, probability: bool = False) -> Segmentation:
+        """Voxels already in memory (an intervention system's volume) -> Segmentation: the same
+        checks as a file (V.from_image), no NIfTI encoding or decoding on the way."""
+        clock = Clock()
+        with clock.stage("read"):
+            img = nib.Nifti1Image(np.asanyarray(array), np.asarray(affine, dtype=np.float64))
+            vol = V.from_image(img, "<array>", grid_spacing=self.spec.spacing)
+        return self._segment(vol, clock, probability=probability)
+
+    def segment_volume(self, vol: V.Volume, *, probability: bool = False) -> Segmentation:
         """Volume in -> Segmentation (mask on the volume's grid, timings, warnings)."""
-        return self._segment(vol, Clock())
+        return self._segment(vol, Clock(), probability=probability)
 
     def segment_file(
         self, in_path, out_path=None, stats: bool = False, preview: bool = False, *, overwrite=True, inputs=()
@@ -300,21 +339,25 @@ class Segmenter:
     def predictor(self, clock: Clock):
         """The Runner as a `predict` for liverkd.core.inference, adding its own stage split to `clock`."""
 
-        def predict(x: np.ndarray) -> np.ndarray:
-            out = self.runner.infer(np.ascontiguousarray(x, dtype=np.float32))
+        def predict(x):
+            if xp.is_device(x):
+                out = self.runner.infer_device(x)
+            else:
+                out = self.runner.infer(np.ascontiguousarray(x, dtype=np.float32))
             for stage in RUNNER_STAGES:
                 clock.add(stage, float(self.runner.last_timings.get(stage, 0.0)))
             return out
 
         return predict
 
-    def _segment(self, vol: V.Volume, clock: Clock) -> Segmentation:
+    def _segment(self, vol: V.Volume, clock: Clock, *, probability: bool = False) -> Segmentation:
         notes = list(vol.warnings)
         with clock.stage("read"):  # checking the input is part of reading it
             for message in self._input_warnings(vol):
                 self._warn(notes, vol.path, message)
-        mask = segment_volume(
-            vol,
+        on_device = dataclasses.replace(vol, array=xp.to_device(vol.array)) if self.device == "cuda" else vol
+        p, inverse = segment_probability(
+            on_device,
             self.spec,
             self.predictor(clock),
             roi_size=self.roi_size,
@@ -322,9 +365,12 @@ class Segmenter:
             label=self.liver_label,
             clock=clock,
         )
+        with clock.stage("resample_back"):  # segment_volume's last step, and the probability if asked for
+            mask = xp.to_host(inverse.mask(p, THRESHOLD))  # the one download on a GPU
+            full = xp.to_host(inverse(p)) if probability else None
         if not mask.any():
             self._warn(notes, vol.path, "no liver found: the mask is empty")
-        return Segmentation(mask, vol, clock.timings(), notes)
+        return Segmentation(mask, vol, clock.timings(), notes, full)
 
     def _input_warnings(self, vol: V.Volume) -> list[str]:
         """Valid but odd inputs: they run, and the user is told."""
@@ -348,3 +394,25 @@ class Segmenter:
     def _warn(notes: list[str], path, message: str) -> None:
         notes.append(message)
         warnings.warn(f"{path}: {message}", V.VolumeWarning, stacklevel=3)
+
+
+@functools.lru_cache(maxsize=4)
+def _default_segmenter(engine: str, backend: str) -> Segmenter:
+    from liverkd import models
+
+    return Segmenter.load(models.resolve(engine), backend)
+
+
+def segment(source, *, engine: str | None = None, backend: str = "auto", probability: bool = False):
+    """One call: a CT (path, nibabel image, or (array, affine)) -> the liver mask as a Nifti1Image
+    with exactly the input's shape and affine (uint8, 1 = liver). `engine`: a bundle folder or a
+    packaged model's name (default: the packaged default). With `probability`, returns
+    (mask image, float32 probability image). The Segmenter is kept for the next call with the
+    same engine (warm); hold a Segmenter yourself to control its lifetime."""
+    from liverkd import models
+
+    seg = _default_segmenter(str(engine or models.DEFAULT), backend).segment(source, probability=probability)
+    if not probability:
+        return seg.image
+    prob = V.to_nifti(seg.probability.astype(np.float32, copy=False), seg.volume.affine, seg.volume.header)
+    return seg.image, prob

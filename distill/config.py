@@ -6,11 +6,8 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import yaml
-
-from liverkd.core.errors import EXIT_USAGE, LiverkdError
+from liverkd.configs import EXPONENT, ConfigError, read
 from liverkd.core.spec import PreprocessSpec
 from liverkd.distill.data import Augment
 from liverkd.distill.models import PRESETS
@@ -18,12 +15,6 @@ from liverkd.distill.objectives import KDSettings
 
 RENAMED = {"gtan.widths": "gtan.n_widths"}
 """Old key -> new key: an old config gets a one-line error naming the new key."""
-
-
-class ConfigError(LiverkdError, ValueError):
-    """One line: '<file>: <problem>'. A usage error (exit 2): the config asks for something invalid."""
-
-    exit_code = EXIT_USAGE
 
 
 @dataclass(frozen=True)
@@ -152,27 +143,28 @@ def _convert(hint, value, where: str):
         if args[-1] is not Ellipsis and len(args) != len(value):
             raise ValueError(f"'{where}' must have {len(args)} entries, got {len(value)}")
         return tuple(_convert(inner, v, where) for v in value)
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if hint is float:
+        if isinstance(value, str) and EXPONENT.fullmatch(value.strip()):  # 1e-3, a string to PyYAML
+            value = float(value)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ValueError(f"'{where}' must be a number, got {value!r}")
         return float(value)
     if hint in (int, str, bool) and (type(value) is not hint):
         raise ValueError(f"'{where}' must be {hint.__name__}, got {value!r}")
     return value
 
 
-def load_config(path) -> Config:
-    path = Path(path)
+def load_config(config, overrides=()) -> Config:
+    """A config file or a packaged config's name (liverkd.configs), with `overrides`
+    ('dotted.key=value', the value read as YAML) applied; a one-line ConfigError otherwise."""
+    path, raw = read(config, overrides)
+    where = f"{path} with --set {' '.join(overrides)}" if overrides else str(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    try:
-        cfg = _build(Config, raw or {}, "")
+        cfg = _build(Config, raw, "")
         check(cfg)
     except ValueError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    return dataclasses.replace(cfg, source=str(path))
+        raise ConfigError(f"{where}: {e}") from None
+    return dataclasses.replace(cfg, source=where)
 
 
 RUN_METHODS = ("gtan", "kd", "nokd")

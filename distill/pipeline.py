@@ -66,7 +66,10 @@ def load_data(cfg: Config, ctx: Dist) -> Data:
 
 def synthesize(p: Phantoms, out: Path, ctx: Dist) -> Path:
     """RUN_DIR/phantoms-<hash of the settings>: written once (rank 0), reused while the settings hold."""
-    key = hashlib.sha256(json.dumps(dataclasses.asdict(p), sort_keys=True).encode()).hexdigest()[:10]
+    from liverkd.core.synth.dataset import SYNTH_VERSION
+
+    keyed = {**dataclasses.asdict(p), "synth_version": SYNTH_VERSION}
+    key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:10]
     path = out / f"phantoms-{key}"
     if ctx.main and not (path / "dataset.json").exists():
         from rich.progress import Progress

@@ -82,8 +82,9 @@ def _save(fig, path) -> Path:
 
 
 def _pyplot():
-    import matplotlib
+    from liverkd.extras import require
 
+    matplotlib = require("matplotlib", "--preview")  # one line naming the `plot` extra
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

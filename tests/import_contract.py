@@ -1,8 +1,10 @@
 """The import contract of DESIGN.md, read from the source with `ast` (every import, also the
 ones inside functions): cli -> distill | deploy -> core, one way.
 
-- liverkd.core imports only the standard library, numpy, scipy, nibabel and itself.
-- liverkd.viz imports only the core (and matplotlib, its reason to exist).
+- liverkd.core imports only the standard library, numpy, scipy, nibabel and itself; its accel
+  module alone also imports the optional accelerators (isal, cc3d) it falls back from, and
+  its xp module alone CuPy (the GPU array module, only for arrays that are on a GPU already).
+- liverkd.viz imports only the core (and matplotlib, its reason to exist, through liverkd.extras).
 - liverkd.distill never imports liverkd.deploy or liverkd.cli.
 - liverkd.deploy never imports liverkd.cli; it reaches liverkd.distill and torch only from
   export (and torch from its own torch backend).
@@ -16,9 +18,10 @@ import ast
 import sys
 from pathlib import Path
 
-FOLDERS = {"liverkd": "liverkd", "distill": "liverkd.distill", "deploy": "liverkd.deploy"}
+FOLDERS = {"liverkd": "liverkd", "distill": "liverkd.distill", "deploy": "liverkd.deploy", "configs": "liverkd.configs"}
 CORE_ALLOWED = {"numpy", "scipy", "nibabel", "liverkd.core"}
-VIZ_ALLOWED = CORE_ALLOWED | {"matplotlib"}
+OPTIONAL_IN_CORE = {"liverkd.core.accel": {"isal", "cc3d"}, "liverkd.core.xp": {"cupy", "cupyx"}}
+VIZ_ALLOWED = CORE_ALLOWED | {"matplotlib", "liverkd.extras"}
 DISTILL_FROM_DEPLOY = {"liverkd.deploy.export"}
 TORCH_IN_DEPLOY = {"liverkd.deploy.export", "liverkd.deploy.backends.torch"}
 
@@ -51,8 +54,9 @@ def problem(module: str, imported: str) -> str | None:
     """Why `module` may not import `imported`, or None."""
     top = imported.split(".")[0]
     stdlib = top in sys.stdlib_module_names and top != "liverkd"
-    if within(module, ["liverkd.core"]) and not (stdlib or within(imported, CORE_ALLOWED)):
-        return "the core imports only the standard library, numpy, scipy and nibabel"
+    allowed = CORE_ALLOWED | OPTIONAL_IN_CORE.get(module, set())
+    if within(module, ["liverkd.core"]) and not (stdlib or within(imported, allowed)):
+        return "the core imports only the standard library, numpy, scipy and nibabel (accel: isal, cc3d; xp: cupy)"
     if module == "liverkd.viz" and not (stdlib or within(imported, VIZ_ALLOWED)) and top == "liverkd":
         return "liverkd.viz builds on the core only"
     if within(module, ["liverkd.distill"]) and within(imported, ["liverkd.deploy", "liverkd.cli"]):

@@ -1,6 +1,7 @@
 """DICOM series folder -> NIfTI in memory: voxel values and world positions survive."""
 
 import warnings
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -28,10 +29,15 @@ def write_series(
     image_type=None,
     offsets=None,
     prefix="IM",
+    description=None,
+    number=None,
+    study_uid=None,
+    frame_uid=None,
 ):
     """Write `volume` [row, col, slice] (stored values) as one slice per file, in shuffled names.
 
-    `offsets`: each slice's distance (mm) from `origin` along the slice normal (default k * step)."""
+    `offsets`: each slice's distance (mm) from `origin` along the slice normal (default k * step).
+    Study and Frame of Reference UIDs are new ones unless given; `frame_uid=False` leaves it out."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -40,6 +46,8 @@ def write_series(
     row_dir, col_dir = np.array(iop[:3], float), np.array(iop[3:], float)
     normal = np.cross(row_dir, col_dir)
     series_uid = series_uid or generate_uid()
+    study_uid = study_uid or generate_uid()
+    frame_uid = generate_uid() if frame_uid is None else frame_uid
     order = np.random.default_rng(shuffle_seed).permutation(n)
     offsets = np.arange(n) * step if offsets is None else np.asarray(offsets, dtype=float)
     for k in range(n):
@@ -52,11 +60,21 @@ def write_series(
         ds.SOPClassUID = CTImageStorage
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
         ds.SeriesInstanceUID = series_uid
+        ds.StudyInstanceUID = study_uid
+        if frame_uid:
+            ds.FrameOfReferenceUID = frame_uid
+        ds.PatientName, ds.PatientID = "Test^Patient", "P0001"
+        ds.InstanceNumber = k + 1
+        if description is not None:
+            ds.SeriesDescription = description
+        if number is not None:
+            ds.SeriesNumber = number
         ds.Modality = modality
         if image_type is not None:
             ds.ImageType = list(image_type)
         ds.Rows, ds.Columns = rows, cols
         ds.PixelSpacing = [spacing[0], spacing[1]]
+        ds.SliceThickness = step
         ds.ImageOrientationPatient = [float(v) for v in iop]
         ds.ImagePositionPatient = [float(v) for v in np.array(origin) + offsets[k] * normal]
         ds.SamplesPerPixel = 1
@@ -69,6 +87,71 @@ def write_series(
         ds.PixelData = np.ascontiguousarray(volume[:, :, k].astype(np.int16)).tobytes()
         ds.save_as(folder / f"{prefix}{order[k]:04d}", enforce_file_format=True)
     return folder
+
+
+def write_enhanced(
+    path,
+    volume,
+    *,
+    spacing=(0.8, 0.7),
+    step=2.5,
+    origin=(-120.0, -90.0, 40.0),
+    slope=1.0,
+    intercept=-1024.0,
+    seed=0,
+    positions=True,
+    series_uid=None,
+):
+    """Write `volume` [row, col, slice] as one multi-frame Enhanced CT file, its frames in a shuffled
+    order (frame f holds slice `order[f]`, returned), placed by per-frame functional groups; the
+    orientation, pixel spacing and rescale shared. `positions=False` leaves the frames unplaced."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    rows, cols, n = volume.shape
+    order = np.random.default_rng(seed).permutation(n)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = EnhancedCTImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.PatientName, ds.PatientID = "Test^Patient", "P0001"
+    ds.Modality = "CT"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    ds.InstanceNumber = 1
+    ds.NumberOfFrames = n
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    measures, plane, rescale, shared = Dataset(), Dataset(), Dataset(), Dataset()
+    measures.PixelSpacing, measures.SliceThickness = [spacing[0], spacing[1]], step
+    plane.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    rescale.RescaleSlope, rescale.RescaleIntercept, rescale.RescaleType = slope, intercept, "HU"
+    shared.PixelMeasuresSequence = Sequence([measures])
+    shared.PlaneOrientationSequence = Sequence([plane])
+    shared.PixelValueTransformationSequence = Sequence([rescale])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    frames = []
+    for k in order:
+        position, group = Dataset(), Dataset()
+        position.ImagePositionPatient = [origin[0], origin[1], origin[2] + float(k) * step]
+        if positions:
+            group.PlanePositionSequence = Sequence([position])
+        frames.append(group)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    ds.PixelData = np.ascontiguousarray(volume[:, :, order].transpose(2, 0, 1).astype(np.int16)).tobytes()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return order
 
 
 def deflate_bomb(path, inflated: int):
@@ -117,7 +200,7 @@ def test_largest_of_two_series_is_taken_with_a_warning(tmp_path):
     extra = write_series(tmp_path / "other", np.zeros((6, 6, 3), np.int16), series_uid="1.2.3.5")
     for p in extra.iterdir():
         p.rename(folder / ("B" + p.name))
-    with pytest.warns(VolumeWarning, match="2 DICOM series"):
+    with pytest.warns(VolumeWarning, match="2 CT image series .*using the CT series 1.2.3.4 "):
         img = read_series(folder)
     assert img.shape == (6, 6, 5)
 

@@ -29,6 +29,10 @@ def test_gpu_check_cpu_mode_writes_a_table(tmp_path):
         assert host_ms > 0
     assert "torch fp16: fp16 needs CUDA" in text  # skipped variants say why
     assert "input (1, 1, 16, 16, 16)" in text
+    # the end-to-end rows: the packaged model, a 512x512x300 CT in memory and file to file, on the CPU here
+    e2e = [line for line in text.splitlines() if line.startswith("| CPU (numpy, ONNX Runtime CPU)")]
+    assert len(e2e) == 2 and float(e2e[0].split("|")[2]) > 0, text
+    assert float(e2e[0].split("|")[4]) == 1.0  # the reference row agrees with itself
 
 
 def _gpu_check_module():

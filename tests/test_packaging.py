@@ -1,5 +1,6 @@
 """The wheel: one top-level package (`liverkd`), every source folder in it under its liverkd.*
-name, and `from liverkd import Segmenter` working from a non-editable install without torch."""
+name, the configs and the LICENSE in it, a base install without the optional packages, and
+`from liverkd import Segmenter` working from a non-editable install without torch."""
 
 import shutil
 import subprocess
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = {"liverkd": "liverkd", "distill": "liverkd/distill", "deploy": "liverkd/deploy"}
+SOURCES = {"liverkd": "liverkd", "distill": "liverkd/distill", "deploy": "liverkd/deploy", "configs": "liverkd/configs"}
+OPTIONAL = {"torch", "onnxsim", "onnx", "pyyaml", "matplotlib"}
+"""Not needed by `infer` or the runner: extras (train, build, plot), never base dependencies."""
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +51,25 @@ def test_the_wheel_has_one_top_level_package(wheel):
         for path in (ROOT / folder).rglob("*.py"):
             rel = path.relative_to(ROOT / folder).as_posix()
             assert f"{installed}/{rel}" in names, f"{folder}/{rel} is not in the wheel"
+    for path in (ROOT / "configs").glob("*.yaml"):  # `liverkd distill run quick` from a wheel
+        assert f"liverkd/configs/{path.name}" in names, f"configs/{path.name} is not in the wheel"
+    assert f"{info}/licenses/LICENSE" in names
+
+
+def test_the_base_install_leaves_the_optional_packages_to_extras(wheel):
+    import re
+
+    with zipfile.ZipFile(wheel) as z:
+        (meta,) = [n for n in z.namelist() if n.endswith(".dist-info/METADATA")]
+        requires = [line.split(":", 1)[1].strip() for line in z.read(meta).decode().splitlines()
+                    if line.startswith("Requires-Dist:")]  # fmt: skip
+    base = {re.split(r"[ ;<>=!~\[]", r, maxsplit=1)[0].lower() for r in requires if "extra ==" not in r}
+    assert base and not base & OPTIONAL, base & OPTIONAL
+    assert {"numpy", "scipy", "nibabel", "typer", "rich", "onnxruntime", "psutil"} <= base
+    ort = [r for r in requires if r.startswith("onnxruntime") and "extra ==" not in r]
+    assert "aarch64" in ort[0]  # not over NVIDIA's onnxruntime-gpu wheel on a Jetson
+    extras = {r.split("extra ==")[1].strip(" '\""): r for r in requires if "extra ==" in r}
+    assert {"train", "plot", "build", "onnxruntime"} <= set(extras)
 
 
 def test_segmenter_imports_from_the_installed_wheel_without_torch(wheel, tmp_path):
@@ -62,8 +84,16 @@ def test_segmenter_imports_from_the_installed_wheel_without_torch(wheel, tmp_pat
         "import liverkd\n"
         "from liverkd import Segmenter\n"
         "import liverkd.cli\n"
+        "from pathlib import Path\n"
+        "from liverkd import configs\n"
+        "from liverkd.cli.demo import demo_steps\n"
+        "assert {'quick', 'default'} <= set(configs.names())\n"
+        "(distill,) = [a for _, a, _ in demo_steps('quick', Path('out'), Path('calib')) if a[0] == 'distill']\n"
+        "assert Path(distill[2]) == configs.resolve('quick'), distill  # the demo's config, from the package\n"
         "print(liverkd.__file__)\n"
+        "print(configs.resolve('quick'))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().startswith(str(target)), "imported the checkout, not the wheel"
+    lines = proc.stdout.strip().splitlines()
+    assert all(line.startswith(str(target)) for line in lines), "imported the checkout, not the wheel"

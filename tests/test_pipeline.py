@@ -94,7 +94,41 @@ def test_bad_configs_name_the_problem(tmp_path, change, message, liverkd_cmd):
 def test_shipped_configs_load():
     from pathlib import Path
 
+    from liverkd import configs
+
     root = Path(__file__).resolve().parents[1] / "configs"
     for name in ("quick.yaml", "paper-100k.yaml", "paper-30k.yaml"):
         cfg = load_config(root / name)
         assert cfg.source.endswith(name)
+    for name in configs.names():  # the packaged ones, by name
+        assert load_config(name).source.endswith(f"{name}.yaml")
+
+
+def test_set_overrides_typed_values_and_names_unknown_keys(liverkd_cmd, tmp_path):
+    cfg = load_config("quick", ["train.steps.teacher=10", "train.lr=1e-3", "data.phantoms.n=5", "patch=[16, 16, 16]"])
+    assert (cfg.train.steps.teacher, cfg.train.lr, cfg.data.phantoms.n, cfg.patch) == (10, 0.001, 5, (16, 16, 16))
+    assert cfg.source.endswith("quick.yaml with --set train.steps.teacher=10 train.lr=1e-3 data.phantoms.n=5 "
+                               "patch=[16, 16, 16]")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"with --set train.lr=fast: 'train.lr' must be a number, got 'fast'$"):
+        load_config("quick", ["train.lr=fast"])
+    for bad, message in (("train.stepz=3", "unknown key 'train.stepz'"), ("gtan.widths=2", "'gtan.widths' is now")):
+        proc = subprocess.run([*liverkd_cmd, "distill", "run", "quick", "--set", bad], capture_output=True, text=True,
+                              cwd=tmp_path)  # fmt: skip
+        assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_packaged_config_by_name_with_overrides_runs_here(liverkd_cmd, tmp_path):
+    """`liverkd distill run quick --set ...` from any folder: run_dir (runs/quick) is under the current one."""
+    tiny = {"data.phantoms": "{n: 4, shape: [32, 32, 32], seed: 0}", "data.val": 1, "data.test": 1,
+            "spec.spacing": "[12, 12, 12]", "spec.input_shape": "[32, 32, 32]", "patch": "[16, 16, 16]",
+            "gtan.n_widths": 2, "train.steps": "{teacher: 2, assistant: 2, student: 2}", "train.batch_size": 1,
+            "train.val_every": 2}  # fmt: skip
+    sets = [a for key, value in tiny.items() for a in ("--set", f"{key}={value}")]
+    proc = subprocess.run([*liverkd_cmd, "distill", "run", "quick", *sets, "-q"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "runs" / "quick" / "student.pt").is_file() and "held-out Dice" in proc.stdout
+    assert not any(w in proc.stderr for w in ("synthetic CT", "preprocess", "teacher", "step"))  # --quiet
+    heldout = json.loads((tmp_path / "runs" / "quick" / "heldout.json").read_text())
+    assert heldout["student"]["preset"] == "student-30k"

@@ -156,8 +156,14 @@ def test_unwritable_outbox_keeps_the_input_and_delivers_later(tmp_path, engine):
         box.drop("ct.nii.gz", phantom_bytes(0, (32, 32, 32)))
         wait_for(lambda: len(box.records("retry")) >= 3, proc)
         assert box.claimed() == ["ct.nii.gz"] and box.names("failed") == []
-        state = box.state()
-        assert state["state"] == "waiting" and str(box.outbox) in state["last_error"]
+
+        # between two attempts the status says "waiting" (it is written just after the retry
+        # record, and the next attempt starts 0.8 s later: wait for it rather than read it once)
+        def waiting_on_the_outbox() -> bool:
+            state = box.state()
+            return state.get("state") == "waiting" and str(box.outbox) in (state.get("last_error") or "")
+
+        wait_for(waiting_on_the_outbox, proc)
         waits = [r["retry_in_s"] for r in box.records("retry")]
         assert waits[:3] == [0.2, 0.4, 0.8]  # back-off doubles
         box.drop("ct.nii.gz", phantom_bytes(1, (40, 36, 28)))

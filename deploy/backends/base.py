@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import os
 import time
 
 import numpy as np
@@ -32,6 +33,25 @@ TENSORRT_OPTIONS = ("cuda_binding", "zero_copy")
 
 class RunnerError(LiverkdError, RuntimeError):
     """A backend that cannot run here (missing package, no GPU, incompatible plan, wrong shape)."""
+
+
+THREADS_ENV = "LIVERKD_THREADS"
+"""Threads for the CPU runtimes (ONNX Runtime, OpenVINO) when no `threads` option is given."""
+
+
+def default_threads() -> int:
+    """$LIVERKD_THREADS if set, else the CPUs this process may run on: its affinity (taskset, a
+    container's cpuset), not os.cpu_count(), which counts the whole machine (64 threads in a
+    4-core container, each one fighting the others for the same 4 cores)."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise RunnerError(f"{THREADS_ENV}={value!r}: give a whole number of threads >= 1")
+        return int(value)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity on this platform (macOS, Windows)
+        return os.cpu_count() or 1
 
 
 def require(module: str, install: str):
@@ -99,6 +119,15 @@ class Runner(abc.ABC):
         if not self.last_timings:  # host-only backend: all of it is network time
             self.last_timings = {"h2d": 0.0, "network": time.perf_counter() - t0, "d2h": 0.0}
         return out
+
+    def infer_device(self, x):
+        """A CuPy array in (the volume already on the GPU), a CuPy array out. This default goes
+        through the host, one download and one upload of a window; backends that can read and
+        write device memory (torch via DLPack, ONNX Runtime's CUDA provider via IO binding)
+        override it so the window never leaves the GPU."""
+        from liverkd.core import xp
+
+        return xp.like(self.infer(xp.to_host(x)), x)
 
     def close(self) -> None:  # noqa: B027 (optional hook: most runners hold nothing to release)
         pass

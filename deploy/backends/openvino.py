@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from liverkd.deploy.backends.base import Runner, RunnerError, require
+from liverkd.deploy.backends.base import Runner, RunnerError, default_threads, require
 from liverkd.deploy.bundle import ModelFile
 
 PRECISION_NAMES = {"f32": "fp32", "f16": "fp16"}
@@ -32,7 +30,7 @@ class OpenVINORunner(Runner):
         modes = hints.PerformanceMode.__members__
         if hint not in modes:
             raise RunnerError(f"OpenVINO hint {hint!r}: choose from {', '.join(modes)}")
-        config = {hints.performance_mode: modes[hint], props.inference_num_threads: threads or (os.cpu_count() or 1)}
+        config = {hints.performance_mode: modes[hint], props.inference_num_threads: threads or default_threads()}
         arithmetic = inference_precision or ("f32" if self.precision == "fp32" else None)
         if arithmetic:
             config[hints.inference_precision] = arithmetic

@@ -2,7 +2,8 @@
 that arrives in an inbox folder. docs/runner.md is the operator's side of it.
 
     config    RunnerConfig: the options, checked once
-    inbox     which files are complete (marker or settle window); the inbox lock
+    inbox     which files are complete (marker, inotify close/rename, or settle window); the lock
+    watch     InboxWatch: inotify on the inbox (ctypes), waking the loop when a file is complete
     journal   one folder per claim in work/: the crash-safe record of the work in hand
     place     temps, names that fit, and links that never replace a file
     report    the JSON-lines log and the status file (neither can stop the loop)

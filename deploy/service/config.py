@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_MAX_VOXELS = 512 * 512 * 1024
+WATCH_MODES = ("auto", "poll")
 
 
 class ConfigError(ValueError):
@@ -27,6 +28,10 @@ class RunnerConfig:
     poll_s: float = 0.1
     settle_s: float = 1.0
     """A file without a NAME.done marker is ready once its size and times held still this long."""
+    watch: str = "auto"
+    """"auto": Linux inotify where it works, the poll as well (a file closed by its writer or
+    renamed into the inbox is taken at once; one still being written is not taken by the settle
+    window), else the poll alone, said in one `watch` log record; "poll": the poll alone."""
     retry_s: float = 2.0
     """First wait after an environment error (outbox full or unwritable); doubles up to RETRY_MAX_S."""
     heartbeat_s: float = 30.0
@@ -51,6 +56,8 @@ class RunnerConfig:
         for name in ("poll_s", "settle_s", "retry_s", "heartbeat_s", "max_voxels"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be over 0, not {getattr(self, name)}")
+        if self.watch not in WATCH_MODES:
+            raise ConfigError(f"watch must be one of {', '.join(WATCH_MODES)}, not {self.watch!r}")
         inbox, outbox = self.inbox.resolve(), self.outbox.resolve()
         if outbox == inbox or inbox in outbox.parents:
             raise ConfigError(f"{self.outbox}: the outbox must not be the inbox {self.inbox} or inside it")

@@ -33,6 +33,7 @@ from .inbox import Inbox, LockError, lock
 from .journal import MAX_ATTEMPTS, Claim, Journal, now_iso
 from .place import copy_in, place, remove_temps, split_name, temp_path
 from .report import JsonLog, StatusFile, one_line
+from .watch import InboxWatch
 
 RETRY_MAX_S = 60.0
 EXIT_OK, EXIT_ENVIRONMENT, EXIT_CONFIG = 0, 1, 2
@@ -122,6 +123,7 @@ class Service:
         self.process_info = psutil.Process()
         self.lock_fd: int | None = None
         self.seg = None
+        self.watch: InboxWatch | None = None
 
     # ------------------------------------------------------------ start and stop
 
@@ -169,6 +171,9 @@ class Service:
             raise StartError(f"{self.cfg.engine}: self-test on a {shape} phantom failed: {problem}", EXIT_CONFIG)
 
     def close(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
+            self.watch = None
         if self.seg is not None:
             self.seg.close()
             self.seg = None
@@ -179,6 +184,8 @@ class Service:
     def _on_signal(self, signum, _frame) -> None:
         self.stop_reason = signal.Signals(signum).name
         self.stop.set()
+        if self.watch is not None:
+            self.watch.wake()
 
     def run(self) -> int:
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -195,6 +202,8 @@ class Service:
                     "rss_mb": self._rss_mb(),
                 }
             )
+            self.watch = InboxWatch(self.cfg.inbox, self.cfg.watch == "auto", self._watch_record)
+            self.inbox.watch = self.watch
             code = self._loop()
         finally:
             for s, handler in old.items():
@@ -225,8 +234,11 @@ class Service:
             if claim is None:
                 if self.cfg.once and self._waiting() <= 0:
                     break
-                self.stop.wait(self.cfg.poll_s)
+                self.watch.wait(self.cfg.poll_s)  # returns early when a file is closed or renamed in
         return EXIT_OK
+
+    def _watch_record(self, mode: str, reason: str) -> None:
+        self.log.write({"event": "watch", "mode": mode, "reason": reason})
 
     def _waiting(self) -> int:
         try:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from liverkd.cli.app import app
+from liverkd.cli.app import QUIET, app
 
 data_app = typer.Typer(help="Data sets: synthetic CT, and checking a real data set's layout.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -41,6 +41,7 @@ def synth(
     preview: bool = typer.Option(
         False, "--preview", help="Also write OUT/preview.png (axial + coronal, liver outlined)."
     ),
+    quiet: bool = QUIET,
 ):
     """Write seeded synthetic abdominal CTs with liver masks (MSD layout), domain-randomised."""
     from rich.console import Console
@@ -51,8 +52,12 @@ def synth(
 
     if out.exists() and not out.is_dir():
         _fail(f"{out}: exists and is not a folder")
+    if preview:  # before the volumes are written, not after
+        from liverkd.extras import require
+
+        require("matplotlib", "--preview")
     try:
-        with volume_progress(Console(stderr=True)) as bar:
+        with volume_progress(Console(stderr=True), disable=quiet) as bar:
             task = bar.add_task(f"synthetic CT {shape[0]}x{shape[1]}x{shape[2]}", total=n)
             pairs = write_dataset(out, n, seed=seed, shape=shape, spacing=spacing, labelmaps=labelmaps,
                                   procedural_fraction=procedural,

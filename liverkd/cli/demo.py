@@ -1,7 +1,9 @@
 """`liverkd demo`: the whole job on built-in phantoms, one CLI command after another.
 
 Each step runs the same `liverkd ...` command a user would type (as a subprocess), so the
-demo shows and checks exactly the tool people use.
+demo shows and checks exactly the tool people use. It needs the checkout for nothing: the config
+is packaged (`quick`), every output goes under the current directory, and the real CTs are looked
+for in ../shared/data from there (the project's layout), as the packaged configs do.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import typer
 
 from liverkd.cli.app import app
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+SHARED = Path("..", "shared", "data")
 SHARED_CT = SHARED / "totalseg_example"
 REAL_CASES = ("ircad01", "ircad07", "tsexample")
 """../shared/data/real_ct: validation CTs with liver masks (never trained on; see its PROVENANCE.md)."""
@@ -28,11 +30,13 @@ INT8_MAY_FAIL = (
 )
 
 
-def demo_steps(config: str, out: Path, calib: Path) -> list[tuple[str, list[str], str]]:
+def demo_steps(config: str, out: Path, calib: Path, overrides=()) -> list[tuple[str, list[str], str]]:
     """(title, liverkd arguments, what it produced)."""
-    import yaml
+    from liverkd import configs
 
-    run_dir = Path(yaml.safe_load(Path(config).read_text())["run_dir"])
+    path, raw = configs.read(config, overrides)
+    run_dir = Path(raw["run_dir"])
+    distill = ["distill", "run", str(path), *(a for item in overrides for a in ("--set", item))]
     student = run_dir / "student.pt"
     fp32, int8 = Path("engines/quick-student-fp32"), Path("engines/quick-student-int8")
     test = out / "test"
@@ -47,7 +51,7 @@ def demo_steps(config: str, out: Path, calib: Path) -> list[tuple[str, list[str]
             ["data", "synth", "--out", str(test), "--n", "4", "--seed", "5000", "--preview"],
             f"{test}/preview.png",
         ),
-        ("Distil: teacher -> GTAN -> student", ["distill", "run", config], f"{student}, {run_dir}/*.png"),
+        ("Distil: teacher -> GTAN -> student", distill, f"{student}, {run_dir}/*.png"),
         ("Student size", ["model-info", "student-30k", "--shape", "64", "64", "64"], "params, GFLOPs"),
         (
             "Engine fp32 (ONNX Runtime here, TensorRT on a GPU)",
@@ -141,19 +145,27 @@ def demo_steps(config: str, out: Path, calib: Path) -> list[tuple[str, list[str]
 
 @app.command()
 def demo(
-    config: str = typer.Option("configs/quick.yaml", help="Distillation config to run."),
+    config: str = typer.Option("quick", help="Distillation config to run: a file or a packaged config's name."),
+    overrides: list[str] = typer.Option(
+        None, "--set", metavar="KEY=VALUE", help="Passed to `distill run`: override a config value; repeatable."
+    ),
     out: Path = typer.Option(Path("runs/demo"), help="Folder for the demo's outputs."),
     calib: Path = typer.Option(Path("calib_data"), help="Folder to fill with calibration phantoms."),
 ):
     """Run the whole job on built-in phantoms: synth -> distil -> build-engine -> infer -> evaluate -> profile,
-    and the packaged model on the real CTs in ../shared/data where present."""
+    and the packaged model on the real CTs in ../shared/data where present. Needs the `train` extra."""
     from rich.console import Console
 
+    from liverkd.extras import require
+
+    for module in ("torch", "yaml", "matplotlib", "onnx"):  # before the first step, not at the third
+        require(module, "liverkd demo")
     console = Console(stderr=True)
+    steps = demo_steps(config, out, calib, overrides or ())
     (out / "real").mkdir(parents=True, exist_ok=True)
     produced = []
     started = time.perf_counter()
-    for title, args, what in demo_steps(config, out, calib):
+    for title, args, what in steps:
         if args[0] == "profile" and not Path(args[args.index("--engine", 3) + 1], "engine.json").is_file():
             i = args.index("--engine", 3)  # no int8 bundle: compare backends on the fp32 one instead
             args = args[:i] + ["--backend", "onnxruntime", "--backend", "torch"] + args[i + 2 :]

@@ -1,4 +1,4 @@
-"""`liverkd distill run|ablation CONFIG.yaml`: teacher -> GTAN -> student, and the ablation table."""
+"""`liverkd distill run|ablation CONFIG`: teacher -> GTAN -> student, and the ablation table."""
 
 from __future__ import annotations
 
@@ -6,15 +6,27 @@ from pathlib import Path
 
 import typer
 
-from liverkd.cli.app import app
+from liverkd.cli.app import QUIET, app
 
 distill_app = typer.Typer(
     help="Train teacher, assistants and students (KD, TAKD, GTAN) from a YAML config.", no_args_is_help=True
 )
 app.add_typer(distill_app, name="distill")
 
-CONFIG = typer.Argument(..., metavar="CONFIG.yaml", help="Pipeline config, e.g. configs/quick.yaml.")
+CONFIG = typer.Argument(
+    ...,
+    metavar="CONFIG",
+    help="A config file, or a packaged config's name: quick, default, default-100k, paper-100k, paper-30k. "
+    "Relative paths inside it (run_dir, data) are relative to the current directory.",
+)
 RESUME = typer.Option(False, "--resume", help="Continue stages that were interrupted (their .partial.pt checkpoints).")
+SET = typer.Option(
+    None,
+    "--set",
+    metavar="KEY=VALUE",
+    help="Override one config value, dotted key, value read as YAML (train.steps.teacher=10, "
+    "data.path=/data/Task03_Liver); repeatable.",
+)
 
 
 def _fail(message: str):
@@ -22,11 +34,19 @@ def _fail(message: str):
     raise typer.Exit(2)
 
 
-def _load(config: Path):
+def _load(config: str, overrides: list[str] | None, quiet: bool):
+    from liverkd.extras import require
+
+    for module in ("torch", "yaml", "matplotlib"):  # the `train` extra; a MissingExtra is one line, exit 1
+        require(module, "liverkd distill")
     from liverkd.distill.config import ConfigError, load_config
 
+    if quiet:  # the pipeline's progress bars and lines all go to rich's global console
+        import rich
+
+        rich.get_console().quiet = True
     try:
-        return load_config(config)
+        return load_config(config, overrides or ())
     except ConfigError as e:
         _fail(str(e))
 
@@ -38,9 +58,9 @@ def _is_main() -> bool:
 
 
 @distill_app.command("run")
-def run(config: Path = CONFIG, resume: bool = RESUME):
+def run(config: str = CONFIG, overrides: list[str] = SET, resume: bool = RESUME, quiet: bool = QUIET):
     """Train teacher -> GTAN -> student (or the config's `method`); write RUN_DIR/student.pt and its held-out Dice."""
-    cfg = _load(config)
+    cfg = _load(config, overrides, quiet)
     import time
 
     from liverkd.distill.pipeline import run as run_pipeline
@@ -70,12 +90,14 @@ def run(config: Path = CONFIG, resume: bool = RESUME):
 
 @distill_app.command("ablation")
 def ablation(
-    config: Path = CONFIG,
+    config: str = CONFIG,
     seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds per method (Dice mean ± sd over them)."),
+    overrides: list[str] = SET,
     resume: bool = RESUME,
+    quiet: bool = QUIET,
 ):
     """Teacher once; then no KD, KD, TAKD and GTAN per student size: a markdown + JSON table."""
-    cfg = _load(config)
+    cfg = _load(config, overrides, quiet)
     from liverkd.distill.pipeline import ablation as run_ablation
     from liverkd.distill.pipeline import markdown_table
     from liverkd.distill.train import PartialCheckpointExists

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import typer
 
-from liverkd.cli.app import app
+from liverkd.cli.app import QUIET, app
 
 
 def _fail(message: str) -> None:
@@ -49,11 +50,17 @@ def build_engine(
     cuda_binding: str = typer.Option(
         "auto", "--cuda-binding", help="TensorRT's CUDA binding: auto (cuda-python, else pycuda), cuda-python, pycuda."
     ),
+    quiet: bool = QUIET,
 ):
     """Build an engine bundle (ONNX, INT8/FP16 variants, TensorRT plan where possible, engine.json)."""
     from rich.console import Console
 
     from liverkd import models
+    from liverkd.extras import require
+
+    require("onnx", "liverkd build-engine")  # one line naming the extra, not a traceback
+    if Path(source).suffix == ".pt" and Path(source).is_file():
+        require("torch", f"liverkd build-engine {source} (a checkpoint: exported to ONNX first)")
     from liverkd.core.volume import VolumeError
     from liverkd.deploy.backends.base import RunnerError
     from liverkd.deploy.build import BuildError
@@ -62,10 +69,15 @@ def build_engine(
     from liverkd.deploy.export import ExportError
 
     console = Console(highlight=False, soft_wrap=True)
+
+    def log(message: str) -> None:  # --quiet keeps the warnings
+        if not quiet or message.startswith("WARNING"):
+            console.print(message, markup=False)
+
     try:
         if not Path(source).exists() and source in models.names():  # the packaged model, e.g. on the target
             source = str(models.path(source) / "model.onnx")
-        with console.status(f"building {out} ({precision})..."):
+        with console.status(f"building {out} ({precision})...") if not quiet else contextlib.nullcontext():
             bundle = build(
                 Path(source),
                 out,
@@ -76,7 +88,7 @@ def build_engine(
                 workspace_mib=workspace,
                 min_agreement=min_agreement,
                 cuda_binding=cuda_binding,
-                log=lambda message: console.print(message, markup=False),
+                log=log,
             )
     except (BuildError, CalibrationError, ExportError, RunnerError, VolumeError, ValueError) as e:
         _fail(str(e))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from liverkd.cli.app import app
+from liverkd.cli.app import QUIET, app
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 PRED_SUFFIX = "_liver"
@@ -58,6 +58,7 @@ def evaluate(
     hd95: str = typer.Option(
         "max", "--hd95", help="max: the larger directed 95th percentile (MONAI, nnU-Net); pooled: both sets (MedPy)."
     ),
+    quiet: bool = QUIET,
 ):
     """Score predicted liver masks against reference masks (Dice, IoU, HD95, ASSD, RVD)."""
     from rich.console import Console
@@ -91,7 +92,7 @@ def evaluate(
         pairs = [(case_name(label), pred, label)]
 
     rows, failed = [], 0
-    with Progress(console=Console(stderr=True), transient=True, disable=len(pairs) < 2) as progress:
+    with Progress(console=Console(stderr=True), transient=True, disable=quiet or len(pairs) < 2) as progress:
         for case, pred_path, label_path in progress.track(pairs, description="evaluating"):
             try:
                 metrics = evaluate_files(pred_path, label_path, hd95)

@@ -7,13 +7,28 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import typer
 
-from liverkd.cli.app import app
+from liverkd.cli.app import QUIET, app
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 OUTPUT_SUFFIX = "_liver"
+FORMATS = ("nifti", "dicom-seg")
+FILE_SUFFIXES = {"nifti": NIFTI_SUFFIXES, "dicom-seg": (".dcm",)}
+
+
+class Job(NamedTuple):
+    """One volume to segment: a NIfTI file, or one DICOM series of an input (`series`)."""
+
+    label: str
+    path: Path | None
+    problem: str | None = None
+    series: object = None
+    """deploy.dicom.Series for a DICOM input."""
+    series_tag: str | None = None
+    """Its SeriesInstanceUID in the output name, when the input holds several image series."""
 
 
 def _is_nifti(path: Path) -> bool:
@@ -60,11 +75,54 @@ def expand_inputs(args: list[str]) -> list[tuple[str, Path | None, str | None]]:
     return out
 
 
+def _is_dicom_input(path: Path) -> bool:
+    """A folder that expand_inputs found no NIfTI in (a DICOM series folder), or a DICOM file."""
+    if path.is_dir():
+        return True
+    from liverkd.deploy.dicom import looks_like_dicom
+
+    return not _is_nifti(path) and path.is_file() and looks_like_dicom(path)
+
+
+def dicom_jobs(jobs: list[tuple[str, Path | None, str | None]], series: str | None) -> list[Job]:
+    """Each DICOM input -> one Job per image series in it (or the one `series` names); an input that
+    holds none, or where it is ambiguous which is meant, keeps one Job with its problem."""
+    from liverkd.core.volume import VolumeError, printable
+    from liverkd.deploy.dicom import find_series, pick_image_series
+
+    out: list[Job] = []
+    seen = set()
+    for label, path, problem in jobs:
+        if problem is not None or path is None or not _is_dicom_input(path):
+            out.append(Job(label, path, problem))
+            continue
+        try:
+            chosen = pick_image_series(find_series(path), path, series)
+        except VolumeError as e:
+            out.append(Job(label, path, e.problem if e.path == printable(path) else str(e)))
+            continue
+        for s in chosen:
+            key = (s.uid, tuple(p for p, _ in s.files))
+            if key in seen:  # one series named twice (two of its files, a glob): segmented once
+                continue
+            seen.add(key)
+            if path.is_file() and s.n_planes == len(s.files):  # a slice standing for its series: named after its folder
+                path = s.folder
+            if len(chosen) > 1:
+                out.append(Job(f"{label} (series {s.uid})", path, None, s, s.uid))
+            else:
+                out.append(Job(label, path, None, s))
+    return out
+
+
 @app.command("infer")
 def infer(
-    inputs: list[str] = typer.Argument(..., help="NIfTI files, folders, globs, or DICOM series folders."),
+    inputs: list[str] = typer.Argument(..., help="NIfTI files, folders, globs, DICOM folders or .dcm files."),
     output: Path | None = typer.Option(
-        None, "-o", "--output", help="Output .nii.gz (one input) or folder; default <input>_liver.nii.gz beside it."
+        None,
+        "-o",
+        "--output",
+        help="Output .nii.gz (.dcm with --format dicom-seg) of one input, or a folder; default beside the input.",
     ),
     engine: str | None = typer.Option(
         None, "--engine", help="Engine bundle folder, or a packaged model's name; default: the packaged student-30k."
@@ -76,12 +134,39 @@ def infer(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace outputs that exist already (never a file that is an input of the run)."
     ),
+    fmt: str = typer.Option(
+        "nifti",
+        "--format",
+        help="nifti (default), or dicom-seg: a DICOM Segmentation referencing the source series (DICOM inputs only).",
+    ),
+    series: str | None = typer.Option(
+        None, "--series", help="SeriesInstanceUID: segment only this series of each DICOM input."
+    ),
+    threads: int | None = typer.Option(
+        None,
+        "--threads",
+        min=1,
+        help="CPU threads of ONNX Runtime / OpenVINO (default: $LIVERKD_THREADS, else the "
+        "CPUs this process may run on).",
+    ),  # fmt: skip
+    device: str = typer.Option(
+        "cpu",
+        "--device",
+        help="Where pre- and post-processing run: cpu, or cuda (CuPy: the volume stays on the GPU until the mask "
+        "comes back; pick a GPU backend for the network too).",
+    ),
+    quiet: bool = QUIET,
 ):
     """Segment the liver: CT volumes in, uint8 masks (1 = liver) out with the input's exact geometry.
 
     An output that exists already is not replaced without --overwrite, and an output that is an
     input of the run (by name, link or mount) is never written. Each input that fails gets one line
     on stderr, the others are still segmented, and the exit code is 1.
+
+    DICOM inputs: a folder (searched below, PATIENT/STUDY/SERIES nested or flat) or a .dcm file
+    (a multi-frame Enhanced CT, or one slice standing for its series). Each CT image series in it is
+    segmented: one output, or one per series named <input>_<SeriesInstanceUID>_liver... when it
+    holds several; masks, segmentations, localizers and other modalities are left out.
     """
     import warnings
 
@@ -94,7 +179,8 @@ def infer(
     from liverkd.core.volume import VolumeError, VolumeWarning, printable
     from liverkd.deploy.backends.base import RunnerError
     from liverkd.deploy.bundle import BundleError
-    from liverkd.deploy.segment import Segmenter, input_ids, output_path_for
+    from liverkd.deploy.dicom_infer import output_path, segment_series
+    from liverkd.deploy.segment import Segmenter, output_path_for
 
     err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
     if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
@@ -103,11 +189,37 @@ def infer(
     def say(message: str) -> None:
         err.print(message, markup=False)
 
-    jobs = expand_inputs(inputs)
+    if threads is not None:
+        from liverkd.deploy.backends.base import THREADS_ENV
+
+        os.environ[THREADS_ENV] = str(threads)  # read where a CPU runtime opens its session
+    if preview:
+        from liverkd.extras import require
+
+        require("matplotlib", "--preview")
+    from liverkd.deploy.segment import DEVICES
+
+    if device not in DEVICES:
+        say(f"error: --device {printable(device)}: one of {', '.join(DEVICES)}")
+        raise typer.Exit(2)
+    if fmt not in FORMATS:
+        say(f"error: --format {printable(fmt)}: one of {', '.join(FORMATS)}")
+        raise typer.Exit(2)
+    if fmt == "dicom-seg":
+        from liverkd.deploy.dicom_seg import highdicom_missing
+
+        if highdicom_missing():
+            say(f"error: {highdicom_missing()}")
+            raise typer.Exit(1)
+    jobs = dicom_jobs(expand_inputs(inputs), series)
     out_file = None
     out_dir = None
     if output is not None:
-        if _is_nifti(output) and not output.is_dir():
+        other = [s for f, suffixes in FILE_SUFFIXES.items() if f != fmt for s in suffixes]
+        if output.name.endswith(tuple(other)) and not output.is_dir():
+            say(f"error: -o {printable(output)}: --format {fmt} writes {' or '.join(FILE_SUFFIXES[fmt])} files")
+            raise typer.Exit(2)
+        if output.name.endswith(FILE_SUFFIXES[fmt]) and not output.is_dir():
             if len(jobs) != 1:
                 say(f"error: -o {printable(output)}: a single output file, but {len(jobs)} inputs; give a folder")
                 raise typer.Exit(2)
@@ -121,7 +233,7 @@ def infer(
                 raise typer.Exit(1) from None
 
     try:
-        segmenter = Segmenter.load(models.resolve(engine), backend=backend)
+        segmenter = Segmenter.load(models.resolve(engine), backend=backend, device=device)
         if engine is None:
             say(f"using the packaged model {models.DEFAULT} ({printable(segmenter.bundle.path)})")
     except (BundleError, RunnerError, LiverkdError) as e:
@@ -130,7 +242,7 @@ def infer(
 
     failed = 0
     claimed: dict[object, str] = {}
-    run_inputs = set().union(*(input_ids(path) for _, path, _ in jobs if path is not None))
+    run_inputs = set().union(*(_ids(job) for job in jobs))
 
     def report_error(label: str, problem: str) -> None:
         nonlocal failed
@@ -139,12 +251,27 @@ def infer(
         if json_lines:
             print(json.dumps({"input": label, "output": None, "error": problem}), flush=True)
 
-    progress = volume_progress(err, disable=len(jobs) < 2 or not err.is_terminal)
+    progress = volume_progress(err, disable=quiet or len(jobs) < 2 or not err.is_terminal)
+
+    def emit(line: str) -> None:
+        """A result line: above the progress bar when both share the terminal, else plain stdout."""
+        if progress.live.is_started and sys.stdout.isatty():
+            progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        else:
+            print(line, flush=True)
+
     with segmenter, progress:
         task = progress.add_task("segmenting", total=len(jobs))
-        for label, path, problem in jobs:
+        for label, path, problem, dicom_series, series_tag in jobs:
             progress.update(task, description=escape(printable(Path(label).name)))
-            out_path = None if problem else out_file or output_path_for(path, out_dir)
+            if problem is None and dicom_series is None and fmt == "dicom-seg":
+                problem = "a DICOM SEG references the source DICOM images; this input is not DICOM (--format nifti)"
+            if problem is not None:
+                out_path = None
+            elif dicom_series is not None:
+                out_path = out_file or output_path(path, series_tag, fmt=fmt, out_dir=out_dir)
+            else:
+                out_path = out_file or output_path_for(path, out_dir)
             key = None if out_path is None else _output_key(out_path)
             if key in claimed:
                 problem = f"output {out_path} is also the output of {claimed[key]}; use separate folders"
@@ -156,9 +283,15 @@ def infer(
             try:
                 with warnings.catch_warnings(record=True) as caught:  # shown below, one line each, on success
                     warnings.simplefilter("ignore", VolumeWarning)  # they are in result.warnings
-                    result = segmenter.segment_file(
-                        path, out_path, stats=stats, preview=preview, overwrite=overwrite, inputs=run_inputs
-                    )
+                    if dicom_series is not None:
+                        result = segment_series(
+                            segmenter, dicom_series, out_path, fmt=fmt, stats=stats, preview=preview,
+                            overwrite=overwrite, inputs=run_inputs, label=label,
+                        )  # fmt: skip
+                    else:
+                        result = segmenter.segment_file(
+                            path, out_path, stats=stats, preview=preview, overwrite=overwrite, inputs=run_inputs
+                        )
             except VolumeError as e:
                 report_error(label, e.problem if e.path == printable(path) else str(e))
             except Exception as e:  # whatever else fails is this input's failure: one line, and the run goes on
@@ -167,16 +300,26 @@ def infer(
             else:
                 for w in result.warnings + [str(w.message) for w in caught]:
                     say(f"warning: {printable(label)}: {printable(w)}")
-                if json_lines:
-                    print(json.dumps(result.to_dict()), flush=True)
-                else:
-                    print(_summary(result), flush=True)
+                emit(json.dumps(result.to_dict()) if json_lines else _summary(result))
             progress.advance(task)
     if len(jobs) > 1:
         say(f"{len(jobs) - failed} of {len(jobs)} volumes segmented" + (f", {failed} failed" if failed else ""))
     sys.stdout.flush()
     if failed:
         raise typer.Exit(1)
+
+
+def _ids(job: Job) -> set:
+    """What no output of the run may replace: the input file, or every file of a DICOM series."""
+    if job.series is not None:
+        from liverkd.deploy.dicom_infer import series_ids
+
+        return series_ids(job.series)
+    if job.path is None:
+        return set()
+    from liverkd.deploy.segment import input_ids
+
+    return input_ids(job.path)
 
 
 def _output_key(path: Path):

@@ -13,6 +13,9 @@ def model_info(
     shape: tuple[int, int, int] = typer.Option((128, 128, 128), "--shape", help="Input volume X Y Z (voxels)."),
 ):
     """Print a preset's parameters, GFLOPs per volume and peak activation memory."""
+    from liverkd.extras import require
+
+    require("torch", "liverkd model-info")  # one line naming the extra, not a traceback
     from liverkd.distill.modelinfo import model_info as info
     from liverkd.distill.models import PRESETS, create_model
 

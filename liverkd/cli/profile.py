@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from liverkd.cli.app import app
+from liverkd.cli.app import QUIET, app
 
 
 def _check_output(path: Path | None, option: str) -> None:
@@ -36,6 +36,7 @@ def profile(
     json_out: Path | None = typer.Option(None, "--json", help="Write the full report (every sample) as JSON."),
     csv_out: Path | None = typer.Option(None, "--csv", help="Write per-stage statistics as CSV."),
     plot: Path | None = typer.Option(None, "--plot", help="Write a PNG: stage breakdown and latency histogram."),
+    quiet: bool = QUIET,
 ):
     """Time every stage of segmenting a volume (read to write), per engine and backend."""
     from rich.console import Console
@@ -54,8 +55,12 @@ def profile(
             raise ValueError("give --volumes or --synthetic, not both")
         for path, option in ((json_out, "--json"), (csv_out, "--csv"), (plot, "--plot")):
             _check_output(path, option)
+        if plot is not None:  # before the timing, not after
+            from liverkd.extras import require
+
+            require("matplotlib", "--plot")
         engines = [models.resolve(e) for e in engine] if engine else [models.resolve(None)]
-        with volume_progress(console) as progress:
+        with volume_progress(console, disable=quiet) as progress:
             report = run(
                 engines,
                 list(backend) if backend else ["auto"],

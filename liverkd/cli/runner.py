@@ -21,6 +21,9 @@ def runner(
     backend: str = typer.Option(D.backend, "--backend", help="auto, onnxruntime, tensorrt, torch or openvino."),
     once: bool = typer.Option(D.once, "--once", help="Process what is in the inbox, then exit."),
     poll_s: float = typer.Option(D.poll_s, "--poll-s", help="Seconds between looks at the inbox."),
+    watch: str = typer.Option(
+        D.watch, "--watch", help="auto: claim a file the moment it is closed or renamed in (inotify), else poll; poll."
+    ),
     settle_s: float = typer.Option(
         D.settle_s, "--settle-s", help="A file without a NAME.done marker is ready once unchanged this long."
     ),
@@ -44,6 +47,7 @@ def runner(
         backend=backend,
         once=once,
         poll_s=poll_s,
+        watch=watch,
         settle_s=settle_s,
         retry_s=retry_s,
         heartbeat_s=heartbeat_s,

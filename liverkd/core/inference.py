@@ -33,8 +33,8 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from scipy import ndimage
 
+from liverkd.core import accel, xp
 from liverkd.core import volume as V
 from liverkd.core.preprocess import prepare
 from liverkd.core.spec import PreprocessSpec
@@ -98,23 +98,24 @@ def sliding_window_inference(
     padded_shape = tuple(max(n, r) for n, r in zip(shape, roi))
     before = tuple((p - n) // 2 for n, p in zip(shape, padded_shape))
     inner = tuple(slice(b, b + n) for b, n in zip(before, shape))
+    a = xp.of(image)
     if padded_shape != shape:
-        padded = np.full(padded_shape, pad_value, dtype=np.float32)
+        padded = a.full(padded_shape, pad_value, dtype=np.float32)
         padded[inner] = image
     else:
         padded = image.astype(np.float32, copy=False)
 
-    weight_map = gaussian_importance(roi, sigma_scale)
-    weight_sum = np.zeros(padded_shape, dtype=np.float32)
+    weight_map = xp.like(gaussian_importance(roi, sigma_scale), image)
+    weight_sum = a.zeros(padded_shape, dtype=np.float32)
     blended = None
     starts = [window_starts(n, r, overlap) for n, r in zip(padded_shape, roi)]
     for corner in itertools.product(*starts):
         window = tuple(slice(c, c + r) for c, r in zip(corner, roi))
-        pred = predictor(np.ascontiguousarray(padded[window])[None, None])
+        pred = predictor(a.ascontiguousarray(padded[window])[None, None])
         if pred.ndim != 5 or pred.shape[0] != 1 or tuple(pred.shape[2:]) != roi:
             raise ValueError(f"predictor returned shape {pred.shape}, expected (1, C, {', '.join(map(str, roi))})")
         if blended is None:
-            blended = np.zeros((pred.shape[1],) + padded_shape, dtype=np.float32)
+            blended = a.zeros((pred.shape[1],) + padded_shape, dtype=np.float32)
         blended[(slice(None),) + window] += pred[0] * weight_map
         weight_sum[window] += weight_map
     blended /= weight_sum
@@ -132,24 +133,57 @@ def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """Keep the largest 26-connected component (the liver is one organ); empty stays empty."""
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    labels, n = accel.component_labels(mask, 26)
     if n <= 1:
         return mask.astype(bool, copy=False)
-    sizes = np.bincount(labels.ravel())
+    sizes = xp.of(labels).bincount(labels.ravel())
     sizes[0] = 0
     return labels == int(np.argmax(sizes))
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """Fill cavities fully enclosed in 3-D (vessels inside the liver that the network missed).
-
-    Works on the mask's bounding box: background outside it touches the border either way, so
-    the result is the same, about 9x faster on a 128^3 grid."""
-    boxes = ndimage.find_objects(mask.astype(np.uint8, copy=False))
-    if not boxes:
+    """Fill cavities fully enclosed in 3-D (vessels inside the liver that the network missed):
+    background components (6-connected, as scipy's binary_fill_holes) that do not touch the
+    border of the mask's bounding box. Outside the box, background touches the border anyway."""
+    box = bounding_box(mask)
+    if box is None:
         return mask.astype(bool, copy=True)
-    out = np.zeros(mask.shape, dtype=bool)
-    out[boxes[0]] = ndimage.binary_fill_holes(mask[boxes[0]])
+    inside = mask[box].astype(bool, copy=False)
+    labels, n = accel.component_labels(~inside, 6)
+    a = xp.of(labels)
+    hole = a.ones(n + 1, dtype=bool)
+    hole[0] = False
+    for face in (labels[0], labels[-1], labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]):
+        hole[a.unique(face)] = False
+    out = a.zeros(mask.shape, dtype=bool)
+    out[box] = inside | hole[labels]
+    return out
+
+
+def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
+    """The smallest box holding every nonzero voxel, grown by `margin` (None: empty). Three
+    projections instead of scipy's find_objects, which is ~20x slower on a 128^3 grid."""
+    box = []
+    for axis in range(mask.ndim):
+        hit = xp.to_host(xp.of(mask).flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis))))
+        if len(hit) == 0:
+            return None
+        box.append(slice(max(int(hit[0]) - margin, 0), int(hit[-1]) + 1 + margin))
+    return tuple(box)
+
+
+def dilate(mask: np.ndarray) -> np.ndarray:
+    """Binary dilation by the 3x3x3 cube (border: background), separably: two shifted ORs per
+    axis (several times faster than scipy's binary_dilation or maximum_filter on bool)."""
+    out = mask.astype(bool, copy=True)
+    for axis in range(out.ndim):
+        shifted = out.copy()
+        lo = [slice(None)] * out.ndim
+        hi = [slice(None)] * out.ndim
+        lo[axis], hi[axis] = slice(0, -1), slice(1, None)
+        shifted[tuple(hi)] |= out[tuple(lo)]
+        shifted[tuple(lo)] |= out[tuple(hi)]
+        out = shifted
     return out
 
 
@@ -166,8 +200,19 @@ def liver_probability(scores: np.ndarray, label: int = 1) -> np.ndarray:
     if scores.ndim == 5:
         scores = scores[0]
     if scores.shape[0] == 1:
-        return (1.0 / (1.0 + np.exp(-scores[0].astype(np.float32)))).astype(np.float32)
+        return _sigmoid(scores[0].astype(np.float32))
+    if scores.shape[0] == 2:  # softmax of two is the sigmoid of their difference: one exp, not two
+        return _sigmoid(scores[label].astype(np.float32) - scores[1 - label].astype(np.float32))
     return softmax(scores, axis=0)[label]
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-z)) in place on a float32 array (exp overflowing to inf gives 0, as it should)."""
+    out = np.negative(z, out=z)
+    with np.errstate(over="ignore"):
+        np.exp(out, out=out)
+    out += np.float32(1.0)
+    return np.reciprocal(out, out=out)
 
 
 def clean_probability(p: np.ndarray, threshold: float = THRESHOLD) -> np.ndarray:
@@ -175,15 +220,16 @@ def clean_probability(p: np.ndarray, threshold: float = THRESHOLD) -> np.ndarray
     the largest 26-connected component (holes filled) drop to 0, enclosed holes rise to 1, and
     the one-voxel rim around the component keeps its value so that resampling interpolates the
     boundary as the network drew it. Thresholding the result gives `clean_mask(p > threshold)`."""
+    a = xp.of(p)
     fg = p > threshold
     if not fg.any():
-        return np.zeros(p.shape, dtype=np.float32)
+        return a.zeros(p.shape, dtype=np.float32)
     keep = fill_holes(largest_component(fg))
-    box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in ndimage.find_objects(keep.view(np.uint8))[0])
-    out = np.zeros(p.shape, dtype=np.float32)
-    rim = ndimage.binary_dilation(keep[box], structure=np.ones((3, 3, 3), dtype=bool))
-    out[box] = np.where(rim, p[box], 0.0)
-    out[keep & ~fg] = 1.0
+    box = bounding_box(keep, margin=1)
+    out = a.zeros(p.shape, dtype=np.float32)
+    out[box] = a.where(dilate(keep[box]), p[box], np.float32(0.0))
+    holes = keep[box] & ~fg[box]
+    out[box][holes] = 1.0
     return out
 
 
@@ -199,7 +245,7 @@ def segment_grid(x: np.ndarray, predict, roi_size, *, overlap: float = 0.25, lab
     before = sum(clock.seconds.get(s, 0.0) for s in RUNNER_STAGES)
     if all(n <= r for n, r in zip(x.shape, roi)):
         plan = V.plan_crop_pad(x.shape, roi)
-        window = V.crop_pad(np.asarray(x, dtype=np.float32), plan, fill=0.0)[None, None]
+        window = V.crop_pad(x.astype(np.float32, copy=False), plan, fill=0.0)[None, None]
         p = V.uncrop_pad(liver_probability(predict(window), label), plan)
     else:
         probs = sliding_window_inference(x, roi, lambda w: softmax(predict(w)), overlap=overlap)
@@ -215,8 +261,17 @@ def segment_volume(
 ) -> np.ndarray:
     """The whole way from a Volume to its uint8 liver mask on the volume's own voxel grid."""
     clock = clock or NoClock()
+    p, inverse = segment_probability(vol, spec, predict, roi_size=roi_size, overlap=overlap, label=label, clock=clock)
+    with clock.stage("resample_back"):
+        return inverse.mask(p, THRESHOLD)
+
+
+def segment_probability(
+    vol: V.Volume, spec: PreprocessSpec, predict, *, roi_size=None, overlap: float = 0.25, label: int = 1, clock=None
+):
+    """segment_volume up to the cleaned liver probability on the network grid: (p, inverse).
+    `inverse.mask(p, THRESHOLD)` is the mask; `inverse(p)` the probability on the input's voxels."""
     roi = tuple(roi_size or spec.input_shape)
     prepared = prepare(vol, spec, input_shape=roi, clock=clock)
     p = segment_grid(prepared.x, predict, roi, overlap=overlap, label=label, clock=clock)
-    with clock.stage("resample_back"):
-        return prepared.inverse.mask(p, THRESHOLD)
+    return p, prepared.inverse

@@ -58,15 +58,13 @@ def from_spec_grid(grid: np.ndarray, geometry: Geometry, *, label: bool = True, 
     linear otherwise; with `threshold`, a uint8 mask of where the resampled values exceed it)."""
     if tuple(grid.shape) != geometry.grid_shape:
         raise ValueError(f"grid shape {grid.shape} != {geometry.grid_shape}")
-    back = V.resample(
-        grid,
-        geometry.spec_spacing,
-        geometry.canonical_spacing,
-        label=label,
-        out_shape=geometry.canonical_shape,
-    )
-    if threshold is not None:
-        back = (back > threshold).view(np.uint8)
+    spacings = geometry.spec_spacing, geometry.canonical_spacing
+    if threshold is not None and not label:
+        back = V.resample_mask(grid, *spacings, geometry.canonical_shape, threshold)
+    else:
+        back = V.resample(grid, *spacings, label=label, out_shape=geometry.canonical_shape)
+        if threshold is not None:
+            back = (back > threshold).view(np.uint8)
     return V.from_canonical(back, geometry.orientation)
 
 

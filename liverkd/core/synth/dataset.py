@@ -22,11 +22,18 @@ from liverkd.core.synth.placement import draw_placement
 from liverkd.core.synth.randomize import draw_appearance
 from liverkd.core.synth.render import render
 from liverkd.core.synth.scanner import acquire, draw_scanner
+from liverkd.core.synth.variants import draw_variants
 
 FOV_MM = 384.0
 """Default field of view per axis; spacing = FOV_MM / shape (64^3 -> 6 mm voxels)."""
 
-STREAMS = ("source", "anatomy", "appearance", "placement", "body", "scanner", "fields", "extent")
+STREAMS = ("source", "anatomy", "appearance", "placement", "body", "scanner", "fields", "extent", "variants")
+"""Appended, never reordered: SeedSequence.spawn gives child i the same stream whatever follows it."""
+
+SYNTH_VERSION = 2
+"""Bumped whenever the same seed would give different bytes, so that caches keyed on the
+settings (distill's phantoms-<hash>) are not reused across synthesis changes.
+1: domain-randomised synthesis; 2: + variants (long left lobe, masses, stomach food)."""
 
 
 def _grid(shape, spacing, fov_mm=None) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
@@ -83,7 +90,8 @@ def synth(seed: int, shape=(64, 64, 64), spacing=None, labelmap: LabelMap | None
     placement = draw_placement(r["placement"], anatomy, np.asarray(shape) * np.asarray(spacing))
     body = draw_body(r["body"], anatomy.has_humerus)
     scanner = draw_scanner(r["scanner"])
-    rendered = render(anatomy, look, placement, body, shape, spacing, r["fields"])
+    variants = draw_variants(r["variants"])
+    rendered = render(anatomy, look, placement, body, shape, spacing, r["fields"], variants)
     image = acquire(rendered.hu, rendered.body, spacing, scanner, r["fields"])
     label = rendered.liver.astype(np.uint8)
     affine = _affine(shape, spacing)
@@ -93,7 +101,7 @@ def synth(seed: int, shape=(64, 64, 64), spacing=None, labelmap: LabelMap | None
         affine = affine.copy()
         affine[:3, 3] += np.asarray([b.start for b in box]) * np.asarray(spacing)
     info = {"seed": int(seed), **anatomy.describe(), **look.describe(), **placement.describe(),
-            **body.describe(), **scanner.describe()}  # fmt: skip
+            **body.describe(), **scanner.describe(), **variants.describe()}  # fmt: skip
     info["fov_cut"] = _cut(label)
     info["liver_ml"] = round(float(label.sum()) * float(np.prod(spacing)) / 1000.0, 1)
     return (
@@ -208,7 +216,7 @@ def write_dataset(out_dir, n: int, seed: int = 0, shape=(64, 64, 64), spacing=No
 
 
 def _dataset_json(records: list, seed: int, shape, spacing, subjects: Subjects | None, fraction: float) -> dict:
-    synthesis = {"seed": int(seed), "shape": list(shape), "spacing": list(spacing)}
+    synthesis = {"version": SYNTH_VERSION, "seed": int(seed), "shape": list(shape), "spacing": list(spacing)}
     reference = "liverkd.core.synth (procedural anatomy, domain-randomised appearance and scanner)"
     licence = "CC0"
     if subjects is not None:

@@ -19,6 +19,7 @@ from liverkd.core.synth import body as B
 from liverkd.core.synth.fields import smooth_field, soft_step
 from liverkd.core.synth.randomize import Appearance
 from liverkd.core.synth.tissues import ID, LIVER, N_IDS
+from liverkd.core.synth.variants import Variants, fill_stomach, grow_left_lobe, paint_masses
 
 UNLABELLED = (0, ID["viscera"])
 
@@ -44,7 +45,8 @@ def block_mean(array: np.ndarray, k) -> np.ndarray:
     return array.reshape(s[0] // k[0], k[0], s[1] // k[1], k[1], s[2] // k[2], k[2]).mean(axis=(1, 3, 5))
 
 
-def render(anatomy, look: Appearance, placement, body: B.BodyDraw, shape, spacing, rng) -> Rendered:
+def render(anatomy, look: Appearance, placement, body: B.BodyDraw, shape, spacing, rng,
+           variants: Variants | None = None) -> Rendered:  # fmt: skip
     spacing = np.asarray(spacing, float)
     axes = grid_axes(shape, spacing)
     lo, hi = placement.anatomy_box(np.asarray(shape) * spacing / 2, margin_mm=body.closing_mm + 10)
@@ -79,14 +81,18 @@ def render(anatomy, look: Appearance, placement, body: B.BodyDraw, shape, spacin
     filled, body_weight = B.fill(body, distance_out, axes, spacing, rng, hu_of, look.filler, fat_texture)
     hu = hu_known + (1 - known) * filled
     del hu_known, filled
+    variants = variants or Variants()
+    hu[grow_left_lobe(tissue_out, body_weight, variants.left_lobe, spacing)] = look["liver"]
     hu += look.texture[tissue_out, 0] * coarse + look.texture[tissue_out, 1] * fine
     del coarse, fine
 
     gas_field = smooth_field(rng, shape, spacing, look.gas_cell_mm)
+    fill_stomach(hu, tissue_out, look["liver"], variants, gas_field)
     _paint_hollow_organs(hu, tissue_out, look, gas_field, axes, spacing)
     liver = tissue_out == LIVER
     if liver.any():
         _paint_liver(hu, liver, look, axes, spacing, rng)
+        paint_masses(hu, tissue_out, body_weight, variants, look["liver"], axes, spacing, rng)
     B.add_table_and_arms(hu, body_weight, body, axes, spacing, hu_of)
     return Rendered(hu, liver, body_weight)
 
