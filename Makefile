@@ -8,13 +8,13 @@ TORCH := torch==2.13.0
 PIN := -c constraints.txt
 SOURCES := liverkd distill deploy configs tests benchmarks
 
-.PHONY: demo test test-py310 lint format bench constraints constraints-py310 clean
+.PHONY: demo test test-py310 test-triton lint format bench constraints constraints-py310 constraints-triton clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(PIN) --upgrade pip
 	$(BIN)/pip install -q $(PIN) $(TORCH)
-	$(BIN)/pip install -q $(PIN) -e '.[train,plot,build,dev,dicom,openvino,fast]'
+	$(BIN)/pip install -q $(PIN) -e '.[train,plot,build,dev,dicom,openvino,fast,triton]'
 	touch $@
 
 # The suite a second time on Python 3.10 (JetPack 6's Python) with what pip resolves there and no
@@ -30,6 +30,24 @@ $(VENV310)/bin/.installed: pyproject.toml constraints-py310.txt
 
 test-py310: $(VENV310)/bin/.installed
 	$(VENV310)/bin/python -m pytest -q
+
+# A real Triton Inference Server (issue 17, docs/serving.md): NVIDIA's nvidia-pytriton wheel bundles tritonserver
+# with its Python backend, and needs numpy < 2, so it gets a venv of its own (pinned: constraints-triton.txt).
+# Where the wheel cannot be installed (it is built for x86-64 and aarch64 Linux, glibc 2.35+), the target says
+# so and passes; where the server cannot start, tests/test_triton_server.py skips with the reason.
+TRITON_PYTHON ?= $(PYTHON)
+VENV_TRITON := .venv-triton
+
+$(VENV_TRITON)/bin/.installed: pyproject.toml constraints-triton.txt
+	$(TRITON_PYTHON) -m venv $(VENV_TRITON)
+	$(VENV_TRITON)/bin/pip install -q -c constraints-triton.txt --upgrade pip
+	$(VENV_TRITON)/bin/pip install -q -c constraints-triton.txt nvidia-pytriton pytest -e '.[build,triton,fast]'
+	touch $@
+
+test-triton:
+	@if $(MAKE) --no-print-directory $(VENV_TRITON)/bin/.installed; then \
+	  $(VENV_TRITON)/bin/python -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_triton_server.py; \
+	else echo "test-triton: skipped: nvidia-pytriton could not be installed into $(VENV_TRITON) (pip says why above)"; fi
 
 demo: $(BIN)/.installed
 	$(BIN)/liverkd demo
@@ -60,5 +78,10 @@ constraints-py310: $(VENV310)/bin/.installed
 	  $(VENV310)/bin/pip freeze --all | grep -E '^(setuptools|pip)=='; } > constraints.tmp
 	mv constraints.tmp constraints-py310.txt
 
+constraints-triton: $(VENV_TRITON)/bin/.installed
+	{ sed -n '1,2p' constraints-triton.txt; $(VENV_TRITON)/bin/pip freeze --exclude-editable | grep -v '^liverkd'; \
+	  $(VENV_TRITON)/bin/pip freeze --all | grep -E '^(setuptools|pip)=='; } > constraints.tmp
+	mv constraints.tmp constraints-triton.txt
+
 clean:
-	rm -rf $(VENV) $(VENV310) runs/demo
+	rm -rf $(VENV) $(VENV310) $(VENV_TRITON) runs/demo

@@ -11,18 +11,15 @@ overwrite), the same atomic writes, result, stats JSON and preview.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
 
 from liverkd import __version__
 from liverkd.core import volume as V
-from liverkd.core.atomic import write_text
-from liverkd.core.timing import Clock
 from liverkd.deploy.dicom import Series, load_series
 from liverkd.deploy.dicom_seg import check_referenceable, write_seg
-from liverkd.deploy.segment import SegmentResult, check_output, input_ids, stats_record, strip_nifti_suffix
+from liverkd.deploy.segment import SegmentResult, check_output, input_ids, strip_nifti_suffix
 
 FORMATS = ("nifti", "dicom-seg")
 SUFFIXES = {"nifti": "_liver.nii.gz", "dicom-seg": "_liver_seg.dcm"}
@@ -40,14 +37,6 @@ def output_path(input_path, series_uid: str | None = None, *, fmt: str = "nifti"
     if series_uid:
         base += f"_{series_uid}"
     return (Path(out_dir) if out_dir is not None else input_path.parent) / (base + SUFFIXES[fmt])
-
-
-def sidecar(out_path, ext: str) -> Path:
-    """`x_liver_seg.dcm` -> `x_liver_seg.json`; `x_liver.nii.gz` -> `x_liver.png`."""
-    out_path = Path(out_path)
-    name = out_path.name
-    base = name[:-4] if name.lower().endswith(".dcm") else strip_nifti_suffix(name)
-    return out_path.with_name(base + ext)
 
 
 def series_ids(series: Series) -> set[tuple[int, int]]:
@@ -72,54 +61,30 @@ def segment_series(
     is left behind then."""
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r}: one of {', '.join(FORMATS)}")
-    clock = Clock()
-    out_path = Path(out_path)
-    sidecars = [sidecar(out_path, ext) for ext, wanted in ((".json", stats), (".png", preview)) if wanted]
     protected = set(inputs) | series_ids(series)
-
-    def check_outputs():
-        for path in (out_path, *sidecars):
-            check_output(path, overwrite=overwrite, inputs=protected)
-
-    check_outputs()
     if fmt == "dicom-seg":
         check_referenceable(series.files)
-    with clock.stage("read"):
-        vol, planes = _read(series, segmenter.spec.spacing)
-    seg = segmenter.segment_volume(vol)
-    for stage, seconds in seg.timings.items():
-        if stage != "total":
-            clock.add(stage, seconds)
-    with clock.stage("resample_back"):
-        img = seg.image if fmt == "nifti" else None
-    result = SegmentResult(
-        input=label or str(series.folder),
-        output=str(out_path),
-        liver_ml=seg.liver_ml,
-        warnings=seg.warnings,
-        liver_voxels=seg.liver_voxels,
-        mean_hu=seg.mean_hu,
-    )
-    with clock.stage("write"):
-        check_outputs()  # again: a file may have appeared there while this one was segmented
-        if fmt == "nifti":
-            V.save(img, out_path)
-        else:
-            write_seg(seg.mask, planes, out_path, model=segmenter.bundle.name, version=__version__)
-        if preview:
-            from liverkd.viz import write_preview
+    planes = []
 
-            window = segmenter.spec.hu_window if V.looks_like_ct(vol.array)[0] else None
-            png = sidecars[-1]
-            result.preview = str(write_preview(vol.array, seg.mask, vol.affine, png, window=window, title=series.uid))
-        if stats:
-            result.stats = str(sidecars[0])
-    result.timings = clock.timings()
-    if stats:
-        facts = stats_record(seg, input=result.input, output=result.output, engine=segmenter.describe(),
-                             timings=result.timings, preview=result.preview, series=series.uid)  # fmt: skip
-        write_text(result.stats, json.dumps(facts, indent=2) + "\n")
-    return result
+    def read() -> V.Volume:
+        vol, found = _read(series, segmenter.spec.spacing)
+        planes[:] = found
+        return vol
+
+    def write_dicom_seg(seg, path) -> None:
+        write_seg(seg.mask, planes, path, model=segmenter.bundle.name, version=__version__)
+
+    return segmenter.segment_to(
+        read,
+        out_path,
+        label=label or str(series.folder),
+        title=series.uid,
+        stats=stats,
+        preview=preview,
+        protect=lambda path: check_output(path, overwrite=overwrite, inputs=protected),
+        write=None if fmt == "nifti" else write_dicom_seg,
+        series=series.uid,
+    )
 
 
 def _read(series: Series, grid_spacing):

@@ -124,9 +124,11 @@ def output_path_for(input_path, out_dir=None) -> Path:
 
 
 def sidecar_path(out_path, ext: str) -> Path:
-    """`ct_liver.nii.gz` -> `ct_liver.json` / `ct_liver.png`."""
+    """`ct_liver.nii.gz` -> `ct_liver.json` / `ct_liver.png`; `x_liver_seg.dcm` -> `x_liver_seg.json`."""
     out_path = Path(out_path)
-    return out_path.with_name(strip_nifti_suffix(out_path.name) + ext)
+    name = out_path.name
+    base = name[:-4] if name.lower().endswith(".dcm") else strip_nifti_suffix(name)
+    return out_path.with_name(base + ext)
 
 
 def read_input(path, grid_spacing=None) -> V.Volume:
@@ -265,9 +267,10 @@ class Segmenter:
             vol = V.from_image(img, "<array>", grid_spacing=self.spec.spacing)
         return self._segment(vol, clock, probability=probability)
 
-    def segment_volume(self, vol: V.Volume, *, probability: bool = False) -> Segmentation:
-        """Volume in -> Segmentation (mask on the volume's grid, timings, warnings)."""
-        return self._segment(vol, Clock(), probability=probability)
+    def segment_volume(self, vol: V.Volume, *, probability: bool = False, clock: Clock | None = None) -> Segmentation:
+        """Volume in -> Segmentation (mask on the volume's grid, timings, warnings); the stages
+        are added to `clock` when given (one that already timed the read)."""
+        return self._segment(vol, clock or Clock(), probability=probability)
 
     def segment_file(
         self, in_path, out_path=None, stats: bool = False, preview: bool = False, *, overwrite=True, inputs=()
@@ -281,26 +284,56 @@ class Segmenter:
         Raises liverkd.core.volume.VolumeError on a bad input or an unwritable output; nothing
         is left behind then.
         """
-        clock = Clock()
         in_path = Path(in_path)
         out_path = Path(out_path) if out_path is not None else output_path_for(in_path)
-        sidecars = [sidecar_path(out_path, ext) for ext, wanted in ((".json", stats), (".png", preview)) if wanted]
-        outputs = [out_path, *sidecars]
+        return self.segment_to(
+            lambda: read_input(in_path, self.spec.spacing),
+            out_path,
+            label=str(in_path),
+            title=in_path.name,
+            stats=stats,
+            preview=preview,
+            protect=lambda path: check_output(path, in_path, overwrite=overwrite, inputs=inputs),
+        )
+
+    def segment_to(
+        self, read, out_path, *, label: str, title: str, stats=False, preview=False, protect=None, write=None, **extra
+    ) -> SegmentResult:
+        """segment_file's way for any source: `read()` -> Volume (timed as "read"), segment, then
+        `write(seg, out_path)` (default: the NIfTI mask, V.save: atomic), the stats JSON
+        (`extra` keys added to stats_record) and the preview PNG beside it. `protect(path)` is
+        called on every output before reading and again before writing (check_output: raises
+        VolumeError for a path that must not be written)."""
+        clock = Clock()
+        out_path = Path(out_path)
+        sidecars = {ext: sidecar_path(out_path, ext) for ext, wanted in ((".json", stats), (".png", preview)) if wanted}
 
         def check_outputs():
-            for path in outputs:
-                check_output(path, in_path, overwrite=overwrite, inputs=inputs)
+            for path in (out_path, *sidecars.values()):
+                if protect is not None:
+                    protect(path)
 
         check_outputs()
         with clock.stage("read"):
-            vol = read_input(in_path, self.spec.spacing)
+            vol = read()
         seg = self._segment(vol, clock)
-        mask = seg.mask
+        return self.write_outputs(seg, out_path, clock=clock, label=label, title=title, stats=stats,
+                                  preview=preview, protect=check_outputs, write=write, **extra)  # fmt: skip
+
+    def write_outputs(
+        self, seg: Segmentation, out_path, *, clock: Clock, label: str, title: str, stats=False, preview=False,
+        protect=None, write=None, **extra,
+    ) -> SegmentResult:  # fmt: skip
+        """The second half of segment_to, for a Segmentation in hand (the batch pipeline writes on
+        its own thread): the mask (`write(seg, out_path)`, default V.save of the NIfTI), the
+        preview and the stats JSON, timed into `clock`. `protect()` is called just before writing
+        (raises VolumeError when an output must not be written any more)."""
+        out_path = Path(out_path)
         with clock.stage("resample_back"):
-            img = seg.image
+            img = seg.image if write is None else None
         with clock.stage("postprocess"):
             result = SegmentResult(
-                input=str(in_path),
+                input=label,
                 output=str(out_path),
                 liver_ml=seg.liver_ml,
                 warnings=seg.warnings,
@@ -308,20 +341,25 @@ class Segmenter:
                 mean_hu=seg.mean_hu,
             )
         with clock.stage("write"):
-            check_outputs()  # again: a file may have appeared there while this one was segmented
-            V.save(img, out_path)
+            if protect is not None:
+                protect()  # again: a file may have appeared there while this one was segmented
+            if write is None:
+                V.save(img, out_path)
+            else:
+                write(seg, out_path)
+            vol = seg.volume
             if preview:
                 from liverkd.viz import write_preview
 
                 window = self.spec.hu_window if V.looks_like_ct(vol.array)[0] else None
                 png = sidecar_path(out_path, ".png")
-                result.preview = str(write_preview(vol.array, mask, vol.affine, png, window=window, title=in_path.name))
+                result.preview = str(write_preview(vol.array, seg.mask, vol.affine, png, window=window, title=title))
             if stats:
                 result.stats = str(sidecar_path(out_path, ".json"))
         result.timings = clock.timings()
         if stats:
             facts = stats_record(seg, input=result.input, output=result.output, engine=self.describe(),
-                                 timings=result.timings, preview=result.preview)  # fmt: skip
+                                 timings=result.timings, preview=result.preview, **extra)  # fmt: skip
             write_text(result.stats, json.dumps(facts, indent=2) + "\n")  # unsorted: stages in pipeline order
         return result
 

@@ -32,6 +32,10 @@ class Phantoms:
     """With label maps: the share of cases drawn from the procedural anatomy instead."""
     scan_extent: bool = False
     """Crop each case to a random scanned region, as real series are smaller than the input."""
+    variants: bool = False
+    """Add the synthesis variants (liverkd.core.synth.variants: a longer left lobe, liver-density
+    masses outside the liver, food in the stomach). Off in the shipped recipe: measured worse on
+    the real validation CTs (docs/results.md)."""
 
 
 @dataclass(frozen=True)

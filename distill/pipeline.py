@@ -89,6 +89,7 @@ def synthesize(p: Phantoms, out: Path, ctx: Dist) -> Path:
                 labelmaps=p.labelmaps,
                 procedural_fraction=p.procedural_fraction,
                 scan_extent=p.scan_extent,
+                variants=p.variants,
                 progress=lambda done, _n: bar.update(task, completed=done),
             )
     ctx.barrier()

@@ -82,6 +82,18 @@ def test_variant_draws_are_seeded_and_recorded():
     assert 0.15 < np.mean([v.left_lobe is not None for v in kinds]) < 0.45
     assert 0.15 < np.mean([v.stomach_food_offset is not None for v in kinds]) < 0.45
     assert np.mean([len(v.masses) > 0 for v in kinds]) > 0.3
-    _, _, info = synth(3, (32, 32, 32))
+    _, _, info = synth(3, (32, 32, 32), variants=True)
     assert {"left_lobe_mm", "masses", "stomach_food"} <= set(info)
     assert SYNTH_VERSION >= 2
+
+
+def test_without_variants_a_case_is_what_it_was_and_with_them_it_differs():
+    """variants=False draws nothing from the variants stream: the bytes of synthesis version 1."""
+    plain, _, info = synth(21, (40, 40, 40))
+    assert info["left_lobe_mm"] == 0 and info["masses"] == [] and not info["stomach_food"]
+    again, _, _ = synth(21, (40, 40, 40))
+    assert np.array_equal(plain.array, again.array)
+    seeds = [s for s in range(40) if draw_variants(rngs(s)["variants"]).masses]
+    with_variants, _, _ = synth(seeds[0], (40, 40, 40), variants=True)
+    without, _, _ = synth(seeds[0], (40, 40, 40))
+    assert not np.array_equal(with_variants.array, without.array)

@@ -8,7 +8,7 @@ volume, data set, engine bundle or checkpoint: one line on stderr naming it); 2 
 
 import sys
 
-from liverkd.cli import data, demo, distill, engine, evaluate, infer, model, profile, runner  # noqa: F401
+from liverkd.cli import data, demo, distill, engine, evaluate, infer, model, profile, runner, triton  # noqa: F401
 from liverkd.cli.app import app
 
 

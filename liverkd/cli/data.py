@@ -38,6 +38,9 @@ def synth(
     procedural: float = typer.Option(
         0.0, "--procedural-fraction", min=0.0, max=1.0, help="With --labelmaps: this fraction of cases procedural."
     ),
+    variants: bool = typer.Option(
+        False, "--variants", help="Add the synthesis variants: a longer left lobe, liver-density masses, a fed stomach."
+    ),
     preview: bool = typer.Option(
         False, "--preview", help="Also write OUT/preview.png (axial + coronal, liver outlined)."
     ),
@@ -60,7 +63,7 @@ def synth(
         with volume_progress(Console(stderr=True), disable=quiet) as bar:
             task = bar.add_task(f"synthetic CT {shape[0]}x{shape[1]}x{shape[2]}", total=n)
             pairs = write_dataset(out, n, seed=seed, shape=shape, spacing=spacing, labelmaps=labelmaps,
-                                  procedural_fraction=procedural,
+                                  procedural_fraction=procedural, variants=variants,
                                   progress=lambda done, total: bar.update(task, completed=done))  # fmt: skip
     except (ValueError, VolumeError, OSError) as e:
         _fail(str(e))

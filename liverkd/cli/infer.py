@@ -5,7 +5,9 @@ from __future__ import annotations
 import glob
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import NamedTuple
 
@@ -155,6 +157,19 @@ def infer(
         help="Where pre- and post-processing run: cpu, or cuda (CuPy: the volume stays on the GPU until the mask "
         "comes back; pick a GPU backend for the network too).",
     ),
+    shard: str | None = typer.Option(
+        None,
+        "--shard",
+        metavar="K/N",
+        help="Only shard K of N, 0-based (a job array: K = $SLURM_ARRAY_TASK_ID of --array=0-(N-1), or "
+        "$JOB_COMPLETION_INDEX): N runs with K = 0..N-1 segment every volume once, by a hash of its output path.",
+    ),
+    skip_existing: bool = typer.Option(
+        False,
+        "--skip-existing",
+        help="Resume: skip a volume whose outputs (the mask, and the --stats/--preview files asked for) exist and "
+        "are complete; an incomplete or foreign file there is replaced.",
+    ),
     quiet: bool = QUIET,
 ):
     """Segment the liver: CT volumes in, uint8 masks (1 = liver) out with the input's exact geometry.
@@ -167,16 +182,17 @@ def infer(
     (a multi-frame Enhanced CT, or one slice standing for its series). Each CT image series in it is
     segmented: one output, or one per series named <input>_<SeriesInstanceUID>_liver... when it
     holds several; masks, segmentations, localizers and other modalities are left out.
-    """
-    import warnings
 
+    Job arrays (docs/batch.md): --shard K/N splits the inputs among N tasks, --skip-existing resumes
+    a killed task. The next volume is read, and the last mask written, while one is segmented.
+    """
     from rich.console import Console
     from rich.markup import escape
 
     from liverkd import models
     from liverkd.cli.progress import volume_progress
     from liverkd.core.errors import LiverkdError
-    from liverkd.core.volume import VolumeError, VolumeWarning, printable
+    from liverkd.core.volume import VolumeError, printable
     from liverkd.deploy.backends.base import RunnerError
     from liverkd.deploy.bundle import BundleError
     from liverkd.deploy.dicom_infer import output_path, segment_series
@@ -211,6 +227,18 @@ def infer(
         if highdicom_missing():
             say(f"error: {highdicom_missing()}")
             raise typer.Exit(1)
+    from liverkd.deploy import batch
+
+    shard_of = None
+    if shard is not None:
+        try:
+            shard_of = batch.parse_shard(shard)
+        except ValueError as e:
+            say(f"error: --shard {printable(shard)}: {e}")
+            raise typer.Exit(2) from None
+    if skip_existing and overwrite:
+        say("error: --skip-existing keeps complete outputs, --overwrite replaces them: give one")
+        raise typer.Exit(2)
     jobs = dicom_jobs(expand_inputs(inputs), series)
     out_file = None
     out_dir = None
@@ -240,9 +268,27 @@ def infer(
         say(f"error: {printable(e)}")
         raise typer.Exit(1) from None
 
+    run_inputs = set().union(*(_ids(job) for job in jobs))  # of every shard: none is ever replaced
+    planned = []
+    for job in jobs:
+        problem = job.problem
+        if problem is None and job.series is None and fmt == "dicom-seg":
+            problem = "a DICOM SEG references the source DICOM images; this input is not DICOM (--format nifti)"
+        if problem is not None:
+            out_path = None
+        elif job.series is not None:
+            out_path = out_file or output_path(job.path, job.series_tag, fmt=fmt, out_dir=out_dir)
+        else:
+            out_path = out_file or output_path_for(job.path, out_dir)
+        planned.append(_Planned(job, problem, out_path))
+    if shard_of is not None:
+        k, n = shard_of
+        mine = [p for p in planned if batch.in_shard(batch.shard_key(p.out_path or p.job.label), k, n)]
+        say(f"shard {k}/{n}: {len(mine)} of {len(planned)} volumes")
+        planned = mine
+
     failed = 0
     claimed: dict[object, str] = {}
-    run_inputs = set().union(*(_ids(job) for job in jobs))
 
     def report_error(label: str, problem: str) -> None:
         nonlocal failed
@@ -251,7 +297,29 @@ def infer(
         if json_lines:
             print(json.dumps({"input": label, "output": None, "error": problem}), flush=True)
 
-    progress = volume_progress(err, disable=quiet or len(jobs) < 2 or not err.is_terminal)
+    work = []  # every input, in order: what it reports comes out in that order too
+    for p in planned:
+        key = None if p.out_path is None else _output_key(p.out_path)
+        if p.problem is None and key in claimed:
+            p = p._replace(problem=f"output {p.out_path} is also the output of {claimed[key]}; use separate folders")
+        if p.problem is not None:
+            work.append(p)
+            continue
+        claimed[key] = p.job.label
+        if skip_existing:
+            outputs = _outputs(p.out_path, stats, preview)
+            if any(os.path.lexists(o) for o in outputs):
+                like = p.job.path if p.job.series is None else None
+                bad = [(o, why) for o in outputs if (why := batch.output_problem(o, like))]
+                notes = tuple(
+                    f"{printable(o)} is {printable(why)}; segmenting again" for o, why in bad if why != "missing"
+                )
+                # what is there is not a complete output of this volume: replaced
+                p = p._replace(skip=not bad, overwrite=True, notes=notes)
+        work.append(p._replace(overwrite=p.overwrite or overwrite))
+    to_do = [p for p in work if p.problem is None and not p.skip]
+
+    progress = volume_progress(err, disable=quiet or len(to_do) < 2 or not err.is_terminal)
 
     def emit(line: str) -> None:
         """A result line: above the progress bar when both share the terminal, else plain stdout."""
@@ -260,53 +328,103 @@ def infer(
         else:
             print(line, flush=True)
 
-    with segmenter, progress:
-        task = progress.add_task("segmenting", total=len(jobs))
-        for label, path, problem, dicom_series, series_tag in jobs:
-            progress.update(task, description=escape(printable(Path(label).name)))
-            if problem is None and dicom_series is None and fmt == "dicom-seg":
-                problem = "a DICOM SEG references the source DICOM images; this input is not DICOM (--format nifti)"
-            if problem is not None:
-                out_path = None
-            elif dicom_series is not None:
-                out_path = out_file or output_path(path, series_tag, fmt=fmt, out_dir=out_dir)
-            else:
-                out_path = out_file or output_path_for(path, out_dir)
-            key = None if out_path is None else _output_key(out_path)
-            if key in claimed:
-                problem = f"output {out_path} is also the output of {claimed[key]}; use separate folders"
-            if problem is not None:
-                report_error(label, problem)
-                progress.advance(task)
-                continue
-            claimed[key] = label
-            try:
-                with warnings.catch_warnings(record=True) as caught:  # shown below, one line each, on success
-                    warnings.simplefilter("ignore", VolumeWarning)  # they are in result.warnings
-                    if dicom_series is not None:
-                        result = segment_series(
-                            segmenter, dicom_series, out_path, fmt=fmt, stats=stats, preview=preview,
-                            overwrite=overwrite, inputs=run_inputs, label=label,
-                        )  # fmt: skip
-                    else:
-                        result = segmenter.segment_file(
-                            path, out_path, stats=stats, preview=preview, overwrite=overwrite, inputs=run_inputs
-                        )
-            except VolumeError as e:
-                report_error(label, e.problem if e.path == printable(path) else str(e))
-            except Exception as e:  # whatever else fails is this input's failure: one line, and the run goes on
-                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                report_error(label, f"{type(e).__name__}: {first}")
-            else:
-                for w in result.warnings + [str(w.message) for w in caught]:
-                    say(f"warning: {printable(label)}: {printable(w)}")
-                emit(json.dumps(result.to_dict()) if json_lines else _summary(result))
-            progress.advance(task)
-    if len(jobs) > 1:
-        say(f"{len(jobs) - failed} of {len(jobs)} volumes segmented" + (f", {failed} failed" if failed else ""))
+    read_file, compute_file, write_file = batch.file_stages(segmenter)
+
+    def as_file(p: _Planned) -> batch.FileJob:
+        return batch.FileJob(p.job.path, p.out_path, stats, preview, p.overwrite, frozenset(run_inputs))
+
+    def read(p: _Planned):
+        return None if p.problem or p.skip or p.job.series is not None else read_file(as_file(p))
+
+    def compute(p: _Planned, got):
+        if p.problem or p.skip:
+            return None
+        if p.job.series is None:
+            return compute_file(as_file(p), got)
+        return segment_series(
+            segmenter, p.job.series, p.out_path, fmt=fmt, stats=stats, preview=preview,
+            overwrite=p.overwrite, inputs=run_inputs, label=p.job.label,
+        )  # fmt: skip
+
+    def write(p: _Planned, computed):
+        if p.problem or p.skip or p.job.series is not None:
+            return computed
+        return write_file(as_file(p), computed)
+
+    finished = skipped = 0
+
+    def done(p: _Planned, result, error, notes) -> None:
+        nonlocal finished, skipped
+        label, path = p.job.label, p.job.path
+        for w in p.notes:
+            say(f"warning: {printable(label)}: {w}")
+        if p.problem is not None:
+            report_error(label, p.problem)
+            return
+        if p.skip:
+            skipped += 1
+            record = {"input": label, "output": str(p.out_path), "skipped": True}
+            line = f"{printable(label)} -> {printable(p.out_path)}: complete, skipped"
+            emit(json.dumps(record) if json_lines else line)
+            return
+        finished += 1
+        if isinstance(error, VolumeError):
+            report_error(label, error.problem if error.path == printable(path) else str(error))
+        elif error is not None:  # whatever else fails is this input's failure: one line, and the run goes on
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            report_error(label, f"{type(error).__name__}: {first}")
+        else:
+            for w in result.warnings + notes:
+                say(f"warning: {printable(label)}: {printable(w)}")
+            emit(json.dumps(result.to_dict()) if json_lines else _summary(result))
+        progress.update(task, description=escape(printable(Path(label).name)))
+        progress.advance(task)
+
+    def on_term(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    main = threading.current_thread() is threading.main_thread()  # where alone a handler can be set
+    previous = signal.signal(signal.SIGTERM, on_term) if main else None  # unwinds as Ctrl-C: nothing half-written
+    try:
+        with segmenter, progress:
+            task = progress.add_task("segmenting", total=len(to_do))
+            batch.run(work, read, compute, write, done)
+    except KeyboardInterrupt as e:
+        name = str(e) or "SIGINT"
+        say(f"interrupted ({name}) after {finished} of {len(to_do)} volumes; every output written is complete "
+            "(--skip-existing resumes)")  # fmt: skip
+        raise typer.Exit(143 if name == "SIGTERM" else 130) from None
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+    n_all = len(planned)
+    if n_all > 1 or skipped:
+        line = f"{n_all - failed - skipped} of {n_all} volumes segmented"
+        line += f", {skipped} skipped (complete outputs exist)" if skipped else ""
+        say(line + (f", {failed} failed" if failed else ""))
     sys.stdout.flush()
     if failed:
         raise typer.Exit(1)
+
+
+class _Planned(NamedTuple):
+    """A Job with its output, as this run will do it."""
+
+    job: Job
+    problem: str | None
+    out_path: Path | None
+    overwrite: bool = False
+    skip: bool = False
+    """--skip-existing: its outputs are complete."""
+    notes: tuple = ()
+    """Why what is at its outputs is not trusted (--skip-existing)."""
+
+
+def _outputs(out_path: Path, stats: bool, preview: bool) -> list[Path]:
+    """The mask and the sidecars asked for: what --skip-existing needs complete."""
+    from liverkd.deploy.segment import sidecar_path
+
+    return [out_path, *(sidecar_path(out_path, ext) for ext, want in ((".json", stats), (".png", preview)) if want)]
 
 
 def _ids(job: Job) -> set:

@@ -22,7 +22,7 @@ from liverkd.core.synth.placement import draw_placement
 from liverkd.core.synth.randomize import draw_appearance
 from liverkd.core.synth.render import render
 from liverkd.core.synth.scanner import acquire, draw_scanner
-from liverkd.core.synth.variants import draw_variants
+from liverkd.core.synth.variants import Variants, draw_variants
 
 FOV_MM = 384.0
 """Default field of view per axis; spacing = FOV_MM / shape (64^3 -> 6 mm voxels)."""
@@ -33,7 +33,8 @@ STREAMS = ("source", "anatomy", "appearance", "placement", "body", "scanner", "f
 SYNTH_VERSION = 2
 """Bumped whenever the same seed would give different bytes, so that caches keyed on the
 settings (distill's phantoms-<hash>) are not reused across synthesis changes.
-1: domain-randomised synthesis; 2: + variants (long left lobe, masses, stomach food)."""
+1: domain-randomised synthesis; 2: + the optional variants (long left lobe, masses, stomach food;
+with variants=False the bytes are version 1's: the version still keys the caches, to be safe)."""
 
 
 def _grid(shape, spacing, fov_mm=None) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
@@ -75,8 +76,8 @@ def rngs(seed: int) -> dict[str, np.random.Generator]:
     return {name: np.random.default_rng(child) for name, child in zip(STREAMS, children)}
 
 
-def synth(seed: int, shape=(64, 64, 64), spacing=None, labelmap: LabelMap | None = None,
-          fov_mm=None, scan_extent: bool = False) -> tuple[V.Volume, V.Volume, dict]:  # fmt: skip
+def synth(seed: int, shape=(64, 64, 64), spacing=None, labelmap: LabelMap | None = None, fov_mm=None,
+          scan_extent: bool = False, variants: bool = False) -> tuple[V.Volume, V.Volume, dict]:  # fmt: skip
     """One case: int16 HU image, uint8 liver label (1 = liver), and what was drawn.
 
     labelmap: a loaded TotalSegmentator subject (load_labelmap) or None for the procedural
@@ -90,8 +91,8 @@ def synth(seed: int, shape=(64, 64, 64), spacing=None, labelmap: LabelMap | None
     placement = draw_placement(r["placement"], anatomy, np.asarray(shape) * np.asarray(spacing))
     body = draw_body(r["body"], anatomy.has_humerus)
     scanner = draw_scanner(r["scanner"])
-    variants = draw_variants(r["variants"])
-    rendered = render(anatomy, look, placement, body, shape, spacing, r["fields"], variants)
+    drawn = draw_variants(r["variants"]) if variants else Variants()
+    rendered = render(anatomy, look, placement, body, shape, spacing, r["fields"], drawn)
     image = acquire(rendered.hu, rendered.body, spacing, scanner, r["fields"])
     label = rendered.liver.astype(np.uint8)
     affine = _affine(shape, spacing)
@@ -101,7 +102,7 @@ def synth(seed: int, shape=(64, 64, 64), spacing=None, labelmap: LabelMap | None
         affine = affine.copy()
         affine[:3, 3] += np.asarray([b.start for b in box]) * np.asarray(spacing)
     info = {"seed": int(seed), **anatomy.describe(), **look.describe(), **placement.describe(),
-            **body.describe(), **scanner.describe(), **variants.describe()}  # fmt: skip
+            **body.describe(), **scanner.describe(), **drawn.describe()}  # fmt: skip
     info["fov_cut"] = _cut(label)
     info["liver_ml"] = round(float(label.sum()) * float(np.prod(spacing)) / 1000.0, 1)
     return (
@@ -178,13 +179,14 @@ def pick_source(seed: int, subjects: Subjects | None, procedural_fraction: float
 
 
 def write_dataset(out_dir, n: int, seed: int = 0, shape=(64, 64, 64), spacing=None, *, labelmaps=None,
-                  procedural_fraction: float = 0.0, fov_mm=None, scan_extent: bool = False,
+                  procedural_fraction: float = 0.0, fov_mm=None, scan_extent: bool = False, variants: bool = False,
                   progress: Callable[[int, int], None] | None = None) -> list[tuple[Path, Path]]:  # fmt: skip
     """n synthetic cases in the MSD layout (imagesTr/, labelsTr/, dataset.json). Same seed, same bytes.
 
     labelmaps: a folder of TotalSegmentator-style subjects (or one subject); each case draws its
     anatomy from one of them, or, with probability procedural_fraction, from the procedural
-    patient. None: procedural only. fov_mm with spacing sets the shape; scan_extent crops each
+    patient. None: procedural only. fov_mm with spacing sets the shape; variants adds the
+    synthesis variants (see synth); scan_extent crops each
     case to a random scanned region (see synth). progress(done, total)
     is called after each case. Every file is written atomically; dataset.json last, so it only
     lists complete cases.
@@ -203,7 +205,7 @@ def write_dataset(out_dir, n: int, seed: int = 0, shape=(64, 64, 64), spacing=No
         name = f"phantom_{i:03d}.nii.gz"
         case = case_seed(seed, i)
         source = pick_source(case, subjects, procedural_fraction)
-        image, label, info = synth(case, shape, spacing, source, scan_extent=scan_extent)
+        image, label, info = synth(case, shape, spacing, source, scan_extent=scan_extent, variants=variants)
         image_path = V.save(image.to_nifti(), out_dir / "imagesTr" / name)
         label_path = V.save(label.to_nifti(), out_dir / "labelsTr" / name)
         pairs.append((image_path, label_path))

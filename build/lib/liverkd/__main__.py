@@ -1,0 +1,3 @@
+from liverkd.cli import main
+
+main()

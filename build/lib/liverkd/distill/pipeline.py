@@ -1,0 +1,368 @@
+"""teacher -> GTAN -> student from one YAML config (`liverkd distill run`), and the
+ablation table (`liverkd distill ablation`): at each student size, no KD / KD / TAKD / GTAN.
+
+Every stage writes RUN_DIR/<stage>.pt and is skipped when that file exists, so a run can
+be stopped and started again; `resume` continues a stage that was interrupted mid-way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from liverkd.core.atomic import write_json, write_text
+from liverkd.core.datasets import load_case
+from liverkd.core.inference import segment_volume
+from liverkd.core.metrics import evaluate_masks, to_jsonable
+from liverkd.distill.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from liverkd.distill.config import Config, ConfigError, Phantoms
+from liverkd.distill.data import PatchDataset, Prepared, prepare_case, split_cases
+from liverkd.distill.loop import Dist, setup_distributed
+from liverkd.distill.models import PRESETS, count_params, create_model
+from liverkd.distill.objectives import GTANObjective, KnowledgeDistillation, Supervised
+from liverkd.distill.predictor import torch_predictor
+from liverkd.distill.train import TrainSettings, train
+
+METHODS = ("nokd", "kd", "takd", "gtan")
+METHOD_NAMES = {"nokd": "no KD", "kd": "KD", "takd": "TAKD", "gtan": "GTAN"}
+
+
+@dataclass
+class Data:
+    train: list[Prepared]
+    val: list[Prepared]
+    test: list  # liverkd.core.datasets.Case, evaluated in the original voxel space
+
+
+def load_data(cfg: Config, ctx: Dist) -> Data:
+    from rich.progress import track
+
+    from liverkd.core.datasets import discover
+
+    out = Path(cfg.run_dir)
+    if cfg.data.phantoms is not None:  # beside the preprocessed cache when one is shared between runs
+        path = synthesize(cfg.data.phantoms, Path(cfg.data.cache) if cfg.data.cache else out, ctx)
+    else:
+        path = Path(cfg.data.path)
+    cases = [c for c in discover(path) if c.label is not None]
+    train_cases, val_cases, test_cases = split_cases(cases, cfg.data.val, cfg.data.test, cfg.seed)
+    cache = Path(cfg.data.cache) if cfg.data.cache else out / "cache"
+    if ctx.main:  # rank 0 fills the cache, the others then read it
+        for case in track(train_cases + val_cases, description="preprocess", disable=not ctx.main):
+            prepare_case(case, cfg.spec, cache)
+    ctx.barrier()
+    return Data(
+        [prepare_case(c, cfg.spec, cache) for c in train_cases],
+        [prepare_case(c, cfg.spec, cache) for c in val_cases],
+        test_cases,
+    )
+
+
+def synthesize(p: Phantoms, out: Path, ctx: Dist) -> Path:
+    """RUN_DIR/phantoms-<hash of the settings>: written once (rank 0), reused while the settings hold."""
+    from liverkd.core.synth.dataset import SYNTH_VERSION
+
+    keyed = {**dataclasses.asdict(p), "synth_version": SYNTH_VERSION}
+    key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:10]
+    path = out / f"phantoms-{key}"
+    if ctx.main and not (path / "dataset.json").exists():
+        from rich.progress import Progress
+
+        from liverkd.core.synth import write_dataset
+
+        if p.labelmaps is not None and not Path(p.labelmaps).is_dir():
+            raise ConfigError(f"data.phantoms.labelmaps: {p.labelmaps} is not a folder (TotalSegmentator label maps)")
+        with Progress(transient=True) as bar:
+            task = bar.add_task(f"synthetic CT ({p.n})", total=p.n)
+            write_dataset(
+                path,
+                p.n,
+                seed=p.seed,
+                shape=p.shape,
+                spacing=p.spacing,
+                labelmaps=p.labelmaps,
+                procedural_fraction=p.procedural_fraction,
+                scan_extent=p.scan_extent,
+                variants=p.variants,
+                progress=lambda done, _n: bar.update(task, completed=done),
+            )
+    ctx.barrier()
+    return path
+
+
+def settings(cfg: Config, steps: int) -> TrainSettings:
+    t = cfg.train
+    return TrainSettings(
+        steps=steps,
+        batch_size=t.batch_size,
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        val_every=t.val_every,
+        num_workers=t.num_workers,
+    )
+
+
+def run_stage(
+    cfg: Config,
+    data: Data,
+    out: Path,
+    make_objective,
+    *,
+    steps: int,
+    seed: int,
+    preset: str,
+    stage: str,
+    resume: bool,
+    ctx: Dist,
+):
+    """Train one stage into `out` unless it is there already; return (model, seconds)."""
+    if not out.exists():
+        torch.manual_seed(seed)
+        objective = make_objective()
+        dataset = PatchDataset(data.train, cfg.patch, foreground=cfg.foreground, augment=cfg.augment, seed=seed)
+        title = str(out.relative_to(cfg.run_dir).with_suffix(""))
+        train(
+            objective,
+            dataset,
+            data.val,
+            cfg.spec,
+            settings(cfg, steps),
+            out,
+            preset=preset,
+            stage=stage,
+            resume=resume,
+            title=title,
+        )
+        ctx.barrier()
+    payload = load_checkpoint(out)
+    model, _ = model_from_checkpoint(payload)
+    return model.to(ctx.device), float(payload["extra"].get("seconds", 0.0))
+
+
+def kd_objective(cfg: Config, preset: str, teacher):
+    return lambda: KnowledgeDistillation(create_model(preset), teacher, cfg.kd)
+
+
+def gtan_objective(cfg: Config, preset: str, teacher):
+    g = cfg.gtan
+    return lambda: GTANObjective(
+        teacher,
+        PRESETS[preset],
+        PRESETS[cfg.models.assistant],
+        n_widths=g.n_widths,
+        grow_until=g.grow_until,
+        beta=g.beta,
+        kd=cfg.kd,
+    )
+
+
+def train_teacher(cfg: Config, data: Data, resume: bool, ctx: Dist):
+    out = Path(cfg.run_dir) / "teacher.pt"
+    name = cfg.models.teacher
+    return run_stage(
+        cfg,
+        data,
+        out,
+        lambda: Supervised(create_model(name)),
+        steps=cfg.train.steps.teacher,
+        seed=cfg.seed,
+        preset=name,
+        stage="teacher",
+        resume=resume,
+        ctx=ctx,
+    )
+
+
+def evaluate(model, cases, spec, device) -> dict:
+    """Held-out metrics in each case's own voxel space, through liverkd.core.inference.segment_volume:
+    the function the Segmenter (`liverkd infer`) runs, here with a torch predictor."""
+    predict = torch_predictor(model.to(device), device)
+    rows = []
+    for case in cases:
+        image, label = load_case(case)
+        mask = segment_volume(image, spec, predict)
+        rows.append({"case": case.case_id, **evaluate_masks(mask, label.array > 0, image.spacing)})
+    summary = {k: float(np.mean([r[k] for r in rows])) for k in ("dice", "hd95", "assd", "rvd")}
+    return to_jsonable({**summary, "cases": rows})
+
+
+def run(cfg: Config, *, resume: bool = False, echo=print) -> dict:
+    """teacher -> GTAN (or KD) -> student, or the student alone (`method: nokd`); writes
+    RUN_DIR/student.pt and RUN_DIR/heldout.json (held-out metrics through core.inference)."""
+    ctx = setup_distributed()
+    out = Path(cfg.run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if ctx.main:
+        write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2, default=str) + "\n")
+    data = load_data(cfg, ctx)
+    teacher, teacher_s = (None, 0.0) if cfg.method == "nokd" else train_teacher(cfg, data, resume, ctx)
+    preset = cfg.models.student
+    makers = {
+        "nokd": lambda: Supervised(create_model(preset)),
+        "kd": kd_objective(cfg, preset, teacher),
+        "gtan": gtan_objective(cfg, preset, teacher),
+    }
+    student, student_s = run_stage(cfg, data, out / f"{cfg.method}.pt", makers[cfg.method],
+                                   steps=cfg.train.steps.student, seed=cfg.seed, preset=preset, stage=cfg.method,
+                                   resume=resume, ctx=ctx)  # fmt: skip
+    if not ctx.main:
+        return {}
+    save_checkpoint(out / "student.pt", student.cpu(), cfg.spec, preset=preset, stage="student",
+                    extra={"from": f"{cfg.method}.pt", "method": cfg.method, "seconds": student_s})  # fmt: skip
+    result = {
+        "method": cfg.method,
+        "student": {
+            "preset": preset,
+            "params": count_params(student),
+            "seconds": student_s,
+            **evaluate(student, data.test, cfg.spec, ctx.device),
+        },  # fmt: skip
+        "test_cases": [c.case_id for c in data.test],
+    }
+    if teacher is not None:
+        result["teacher"] = {"preset": cfg.models.teacher, "params": count_params(teacher), "seconds": teacher_s,
+                             **evaluate(teacher, data.test, cfg.spec, ctx.device)}  # fmt: skip
+    write_json(out / "heldout.json", result)
+    return result
+
+
+# ------------------------------------------------------------------------------ ablation
+
+
+def ablation(cfg: Config, *, seeds: int = 3, resume: bool = False) -> dict:
+    """Teacher once; then per seed a TA (for TAKD) and, per student size, the four methods."""
+    ctx = setup_distributed()
+    root = Path(cfg.run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    data = load_data(cfg, ctx)
+    teacher, teacher_s = train_teacher(cfg, data, resume, ctx)
+    results: dict[str, dict[str, list[dict]]] = {p: {m: [] for m in METHODS} for p in cfg.ablation.students}
+    for s in range(seeds):
+        seed = cfg.seed + s
+        folder = root / "ablation" / f"seed{s}"
+        ta_name = cfg.models.assistant
+        ta, ta_s = run_stage(
+            cfg,
+            data,
+            folder / "ta.pt",
+            kd_objective(cfg, ta_name, teacher),
+            steps=cfg.train.steps.assistant,
+            seed=seed,
+            preset=ta_name,
+            stage="ta",
+            resume=resume,
+            ctx=ctx,
+        )
+        for preset in cfg.ablation.students:
+            makers = {
+                "nokd": lambda p=preset: Supervised(create_model(p)),
+                "kd": kd_objective(cfg, preset, teacher),
+                "takd": kd_objective(cfg, preset, ta),
+                "gtan": gtan_objective(cfg, preset, teacher),
+            }
+            for method in METHODS:
+                model, secs = run_stage(
+                    cfg,
+                    data,
+                    folder / preset / f"{method}.pt",
+                    makers[method],
+                    steps=cfg.train.steps.student,
+                    seed=seed,
+                    preset=preset,
+                    stage=method,
+                    resume=resume,
+                    ctx=ctx,
+                )
+                if ctx.main:
+                    metrics = evaluate(model, data.test, cfg.spec, ctx.device)
+                    # TAKD's cost includes training its assistant
+                    wall = secs + (ta_s if method == "takd" else 0.0)
+                    results[preset][method].append(
+                        {
+                            "seed": seed,
+                            "dice": metrics["dice"],
+                            "hd95": metrics["hd95"],
+                            "seconds": wall,
+                            "params": count_params(model),
+                        }
+                    )
+    if not ctx.main:
+        return {}
+    teacher_metrics = evaluate(teacher, data.test, cfg.spec, ctx.device)
+    table = {
+        "config": cfg.source,
+        "seeds": seeds,
+        "test_cases": [c.case_id for c in data.test],
+        "teacher": {
+            "preset": cfg.models.teacher,
+            "params": count_params(teacher),
+            "dice": teacher_metrics["dice"],
+            "hd95": teacher_metrics["hd95"],
+            "seconds": teacher_s,
+        },
+        "rows": [summarize(p, m, results[p][m]) for p in cfg.ablation.students for m in METHODS],
+    }
+    write_json(root / "ablation.json", to_jsonable(table))
+    write_text(root / "ablation.md", markdown_table(table))
+    return table
+
+
+def summarize(preset: str, method: str, runs: list[dict]) -> dict:
+    def stats(key):
+        """Mean and sd over the runs with a finite value (an empty prediction has no HD95)."""
+        values = np.array([r[key] for r in runs], dtype=float)
+        values = values[np.isfinite(values)]
+        if len(values) == 0:
+            return None, None
+        return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None
+
+    dice_m, dice_sd = stats("dice")
+    hd_m, hd_sd = stats("hd95")
+    return {
+        "preset": preset,
+        "method": method,
+        "params": runs[0]["params"],
+        "dice_mean": dice_m,
+        "dice_sd": dice_sd,
+        "hd95_mean": hd_m,
+        "hd95_sd": hd_sd,
+        "seconds_mean": stats("seconds")[0],
+        "runs": runs,
+        "empty_predictions": sum(1 for r in runs if r["dice"] == 0.0),
+    }
+
+
+def markdown_table(table: dict) -> str:
+    t = table["teacher"]
+    lines = [
+        f"Held-out cases: {', '.join(table['test_cases'])}; {table['seeds']} seed(s); Dice and HD95 mean ± sd over "
+        "seeds; wall time per method (TAKD includes its assistant's training).",
+        "",
+        "| student | method | params | Dice | HD95 (mm) | wall time (s) |",
+        "|---|---|---:|---|---|---:|",
+        f"| teacher | - | {t['params']:,} | {t['dice']:.3f} | {fmt(t['hd95'])} | {t['seconds']:.0f} |",
+    ]
+    for r in table["rows"]:
+        empty = r.get("empty_predictions", 0)
+        note = f" ({empty} of {len(r['runs'])} seeds: no liver found)" if empty else ""
+        lines.append(
+            f"| {r['preset']} | {METHOD_NAMES[r['method']]} | {r['params']:,} | "
+            f"{r['dice_mean']:.3f}{sd(r['dice_sd'], 3)}{note} | {fmt(r['hd95_mean'])}{sd(r['hd95_sd'], 1)} | "
+            f"{r['seconds_mean']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def sd(x, digits: int) -> str:
+    """' ± sd', or nothing for a single seed."""
+    return "" if x is None else f" ± {x:.{digits}f}"
+
+
+def fmt(x) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:.1f}"
