@@ -54,4 +54,4 @@ def pytest_runtest_makereport(item, call):
 
 def pytest_terminal_summary(terminalreporter):
     if _not_collected:
-        terminalreporter.write_line(f"not collected ({NO_TORCH}): {', '.join(sorted(_not_collected))}")
+        terminalreporter.write_line(f"not collected ({NO_TORCH}): {', '.join(sorted(set(_not_collected)))}")
