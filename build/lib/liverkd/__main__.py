@@ -1,3 +1,0 @@
-from liverkd.cli import main
-
-main()
