@@ -26,8 +26,7 @@ import nibabel as nib
 import numpy as np
 
 from liverkd import models
-from liverkd.core import volume as V
-from liverkd.core.synth import synth
+from liverkd.core.synth import scanner_grid_case
 from liverkd.deploy import batch
 from liverkd.deploy.segment import Segmenter, output_path_for
 
@@ -35,11 +34,7 @@ SHAPE, SPACING = (256, 256, 128), (1.5, 1.5, 2.5)
 
 
 def phantom(path: Path, seed: int) -> Path:
-    """A 3 mm synthetic CT resampled to SHAPE at SPACING, int16 (as benchmarks/e2e.py makes them)."""
-    extent = np.asarray(SHAPE) * np.asarray(SPACING)
-    coarse, _, _ = synth(seed, tuple(int(round(e / 3.0)) for e in extent), 3.0)
-    fine = V.resample(coarse.array, (3.0, 3.0, 3.0), SPACING, out_shape=SHAPE)
-    nib.save(nib.Nifti1Image(np.round(fine).astype(np.int16), np.diag([*SPACING, 1.0])), path)
+    nib.save(nib.Nifti1Image(*scanner_grid_case(seed, SHAPE, SPACING)), path)
     return path
 
 

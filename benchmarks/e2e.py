@@ -34,8 +34,7 @@ from _results import replace_block
 
 from liverkd import models
 from liverkd.core import accel
-from liverkd.core import volume as V
-from liverkd.core.synth import synth
+from liverkd.core.synth import scanner_grid_case
 from liverkd.core.timing import STAGES
 from liverkd.deploy.segment import Segmenter
 
@@ -50,12 +49,7 @@ PHANTOMS = {
 
 
 def phantom(path: Path, shape, spacing, seed: int = 3) -> Path:
-    """A 3 mm synthetic CT (liverkd.core.synth) resampled to `shape` at `spacing`, int16."""
-    extent = np.asarray(shape) * np.asarray(spacing)
-    coarse, _, _ = synth(seed, tuple(int(round(e / 3.0)) for e in extent), 3.0)
-    fine = V.resample(coarse.array, (3.0, 3.0, 3.0), spacing, out_shape=shape)
-    affine = np.diag([*spacing, 1.0])
-    nib.save(nib.Nifti1Image(np.round(fine).astype(np.int16), affine), path)
+    nib.save(nib.Nifti1Image(*scanner_grid_case(seed, shape, spacing)), path)
     return path
 
 

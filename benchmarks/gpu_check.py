@@ -332,14 +332,10 @@ E2E_SHAPE, E2E_SPACING = (512, 512, 300), (0.7, 0.7, 1.0)
 
 
 def e2e_ct(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A 512x512x300 int16 CT in memory: a 3 mm synthetic case (liverkd.core.synth) resampled."""
-    from liverkd.core import volume as V
-    from liverkd.core.synth import synth
+    """A 512x512x300 int16 CT in memory (liverkd.core.synth.scanner_grid_case)."""
+    from liverkd.core.synth import scanner_grid_case
 
-    extent = np.asarray(E2E_SHAPE) * np.asarray(E2E_SPACING)
-    coarse, _, _ = synth(seed, tuple(int(round(e / 3.0)) for e in extent), 3.0)
-    fine = V.resample(coarse.array, (3.0,) * 3, E2E_SPACING, out_shape=E2E_SHAPE)
-    return np.round(fine).astype(np.int16), np.diag([*E2E_SPACING, 1.0])
+    return scanner_grid_case(seed, E2E_SHAPE, E2E_SPACING)
 
 
 def end_to_end(device: str, runs: int) -> str:

@@ -12,14 +12,13 @@ overwrite), the same atomic writes, result, stats JSON and preview.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 from liverkd import __version__
 from liverkd.core import volume as V
 from liverkd.deploy.dicom import Series, load_series
 from liverkd.deploy.dicom_seg import check_referenceable, write_seg
-from liverkd.deploy.segment import SegmentResult, check_output, input_ids, strip_nifti_suffix
+from liverkd.deploy.segment import SegmentResult, check_output, dicom_volume, input_ids, strip_nifti_suffix
 
 FORMATS = ("nifti", "dicom-seg")
 SUFFIXES = {"nifti": "_liver.nii.gz", "dicom-seg": "_liver_seg.dcm"}
@@ -89,13 +88,5 @@ def segment_series(
 
 def _read(series: Series, grid_spacing):
     """The series as a Volume, with what reading it noted (and the selection's notes) in its warnings."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        img, planes = load_series(series, grid_spacing=grid_spacing)
-    vol = V.from_image(img, series.folder, grid_spacing=grid_spacing)
-    prefix = f"{series.folder}: "
-    notes = [str(w.message).removeprefix(prefix) for w in caught if issubclass(w.category, V.VolumeWarning)]
-    vol.warnings[:0] = [*series.notes, *notes]
-    for w in caught:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return vol, planes
+    return dicom_volume(lambda: load_series(series, grid_spacing=grid_spacing), series.folder, grid_spacing,
+                        series.notes)  # fmt: skip

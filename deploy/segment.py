@@ -139,15 +139,24 @@ def read_input(path, grid_spacing=None) -> V.Volume:
         return V.load(path, grid_spacing=grid_spacing)
     from liverkd.deploy.dicom import read_series
 
+    vol, _ = dicom_volume(lambda: (read_series(path, grid_spacing=grid_spacing), None), path, grid_spacing)
+    return vol
+
+
+def dicom_volume(load, folder, grid_spacing=None, notes=()) -> tuple[V.Volume, object]:
+    """`load()` -> (nibabel image of a DICOM series in `folder`, anything else it returns) as a
+    checked Volume whose warnings hold `notes` and what reading noted (DICOM's own VolumeWarnings,
+    without the folder's name); every warning raised is passed on as well."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        img = read_series(path, grid_spacing=grid_spacing)
-    vol = V.from_image(img, path, grid_spacing=grid_spacing)
-    for w in caught:  # pass them on, and keep DICOM's own notes with the volume
-        if issubclass(w.category, V.VolumeWarning):
-            vol.warnings.insert(0, str(w.message).removeprefix(f"{path}: "))
+        img, extra = load()
+    vol = V.from_image(img, folder, grid_spacing=grid_spacing)
+    prefix = f"{folder}: "
+    read = [str(w.message).removeprefix(prefix) for w in caught if issubclass(w.category, V.VolumeWarning)]
+    vol.warnings[:0] = [*notes, *read]
+    for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return vol
+    return vol, extra
 
 
 def mask_image(mask: np.ndarray, vol: V.Volume) -> nib.Nifti1Image:

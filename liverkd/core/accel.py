@@ -65,7 +65,8 @@ def available() -> dict[str, str]:
 
 def stage_paths() -> dict[str, str]:
     """Which implementation each pipeline stage takes now (profile prints it beside the stage)."""
-    gz, cc = available()["gzip"], available()["components"]
+    now = available()
+    gz, cc = now["gzip"], now["components"]
     return {
         "read": f"{gz} gunzip, voxels viewed in place",
         "reorient_resample": "views; block mean in memory order" + ("" if not _plain else " (plain)"),

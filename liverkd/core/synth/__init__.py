@@ -10,7 +10,7 @@ grid, with partial volume), scanner (blur, thick slices, noise, bias, clipping),
 """
 
 from liverkd.core.synth.anatomy import Patient
-from liverkd.core.synth.dataset import FOV_MM, case_seed, synth, synth_case, write_dataset
+from liverkd.core.synth.dataset import FOV_MM, case_seed, scanner_grid_case, synth, synth_case, write_dataset
 from liverkd.core.synth.labelmaps import LabelMap, find_subjects, load_labelmap
 from liverkd.core.synth.render import grid_axes
 
@@ -22,6 +22,7 @@ __all__ = [
     "find_subjects",
     "grid_axes",
     "load_labelmap",
+    "scanner_grid_case",
     "synth",
     "synth_case",
     "write_dataset",
