@@ -3,9 +3,11 @@
 Both steps are the real objectives of distill/objectives.py with AdamW, measured
 interleaved in the same process on the same batch. A GTAN step's cost depends on the
 assistant's current width, so it is timed at every width of the schedule; the headline
-ratio weights them by the share of training each width gets (gtan.grow_until).
+ratio weights them by the share of training each width gets (gtan.grow_until). With
+--assistant-every K (gtan.assistant_every) the assistant's pass runs on one step in K; the other
+steps (the student learning from the teacher alone) are timed too and weighted (K - 1) / K.
 
-    .venv/bin/python benchmarks/gtan_step.py [--patch 64] [--batch 2] [--repeats 7]
+    .venv/bin/python benchmarks/gtan_step.py [--patch 64] [--batch 2] [--repeats 7] [--assistant-every 1]
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--n-widths", type=int, default=4, help="gtan.n_widths")
     ap.add_argument("--grow-until", type=float, default=0.5, help="gtan.grow_until")
+    ap.add_argument("--assistant-every", type=int, default=1, help="gtan.assistant_every")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -69,6 +72,16 @@ def main():
             return step()
 
         timers[f"gtan@{k}"] = at_width
+    if args.assistant_every > 1:
+
+        def student_only(step=step_timer(gtan, x, y, device)):
+            gtan.module.with_assistant = False
+            try:
+                return step()
+            finally:
+                gtan.module.with_assistant = True
+
+        timers["gtan-student-only"] = student_only
     times = {name: [] for name in timers}
     for t in timers.values():  # warm-up
         t()
@@ -92,7 +105,14 @@ def main():
             f"ratio {med[f'gtan@{k}'] / med['kd']:.2f}  ({100 * share[k]:.0f}% of training)"
         )
     weighted = sum(share[k] * med[f"gtan@{k}"] for k in share)
-    print(f"GTAN/KD step time over the growth schedule: {weighted / med['kd']:.2f}  (goal <= 1.3)")
+    every = args.assistant_every
+    if every > 1:
+        print(f"  GTAN step, student only (no assistant pass) {med['gtan-student-only'] * 1e3:8.1f} ms")
+        weighted = (weighted + (every - 1) * med["gtan-student-only"]) / every
+    print(
+        f"GTAN/KD step time over the growth schedule, assistant every {every}: "
+        f"{weighted / med['kd']:.2f}  (goal <= 1.3)"
+    )
 
 
 if __name__ == "__main__":

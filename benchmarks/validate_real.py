@@ -29,6 +29,7 @@ from _results import replace_block
 
 from liverkd import models
 from liverkd.core import volume as V
+from liverkd.core.datasets import real_validation_cases
 from liverkd.core.inference import THRESHOLD, segment_grid
 from liverkd.core.metrics import evaluate_masks
 from liverkd.core.preprocess import prepare
@@ -37,16 +38,10 @@ from liverkd.deploy.segment import Segmenter
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-CASES = {
-    "ircad01": ("real_ct/ircad01_ct.nii.gz", "real_ct/ircad01_liver.nii.gz"),
-    "ircad07": ("real_ct/ircad07_ct.nii.gz", "real_ct/ircad07_liver.nii.gz"),
-    "tsexample": ("real_ct/tsexample_ct.nii.gz", "real_ct/tsexample_liver.nii.gz"),
-    "ct_3mm": ("totalseg_example/ct_3mm.nii.gz", "totalseg_example/liver_ref_3mm.nii.gz"),
-}
 
 
 def cases(shared: Path) -> dict[str, tuple[Path, Path]]:
-    return {k: (shared / a, shared / b) for k, (a, b) in CASES.items() if (shared / a).is_file()}
+    return {c.case_id: (c.image, c.label) for c in real_validation_cases(shared)}
 
 
 def score(seg: Segmenter, image: V.Volume, ref: np.ndarray) -> dict:

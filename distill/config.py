@@ -15,6 +15,11 @@ from liverkd.distill.objectives import KDSettings
 
 RENAMED = {"gtan.widths": "gtan.n_widths"}
 """Old key -> new key: an old config gets a one-line error naming the new key."""
+REMOVED = {
+    "train.steps.assistant": "TAKD's assistant now trains for the teacher's budget (train.steps.teacher, "
+    "train.patience), as Mirzadeh et al. train theirs; delete the key",
+}
+"""Keys that are gone -> why: an old config gets a one-line error saying so."""
 
 
 @dataclass(frozen=True)
@@ -64,13 +69,18 @@ class GTAN:
     """Fraction of training from which the assistant has its full width."""
     beta: float = 0.0
     """Weight of the teacher (vs the assistant) in the student's KD target."""
+    assistant_every: int = 1
+    """The assistant's pass (forward, backward, its KD term) on every k-th step; in between the
+    student learns from the teacher, as in KD. 1: every step, the method as published; larger
+    k costs less per step (benchmarks/gtan_step.py --assistant-every)."""
 
 
 @dataclass(frozen=True)
 class Steps:
     teacher: int = 400
-    assistant: int = 400
+    """The teacher's budget; TAKD's assistant gets the same (and train.patience)."""
     student: int = 400
+    """Every student, whatever the method: the ablation compares them at the same budget."""
 
 
 @dataclass(frozen=True)
@@ -81,11 +91,18 @@ class Train:
     weight_decay: float = 1e-5
     val_every: int = 50
     num_workers: int = 0
+    patience: int = 0
+    """Validations without a better Dice after which the teacher (and TAKD's assistant) stop early,
+    their best weights kept; 0: they train all their steps. Students always train all theirs."""
 
 
 @dataclass(frozen=True)
 class Ablation:
     students: tuple[str, ...] = ("student-100k", "student-30k")
+    real: str | None = None
+    """A folder laid out as ../shared/data (real_ct/, totalseg_example/): every method is also
+    evaluated on the real validation CTs found there (liverkd.core.datasets.REAL_VALIDATION);
+    None or a folder without them: synthetic held-out cases only."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +134,8 @@ def _build(cls, value, where: str):
         name = f"{where + '.' if where else ''}{key}"
         if name in RENAMED:
             raise ValueError(f"'{name}' is now '{RENAMED[name]}' (a count of assistant widths); rename it")
+        if name in REMOVED:
+            raise ValueError(f"'{name}' is gone: {REMOVED[name]}")
         if key not in names:
             raise ValueError(f"unknown key '{name}'")
     kwargs = {k: _convert(hints[k], v, f"{where + '.' if where else ''}{k}") for k, v in value.items()}
@@ -195,7 +214,10 @@ def check(cfg: Config) -> None:
     if not 0 <= cfg.foreground <= 1:
         raise ValueError(f"'foreground' must be in [0, 1], got {cfg.foreground}")
     steps = cfg.train.steps
-    if min(steps.teacher, steps.assistant, steps.student, cfg.train.batch_size, cfg.train.val_every) < 1:
+    if min(steps.teacher, steps.student, cfg.train.batch_size, cfg.train.val_every) < 1:
         raise ValueError("train steps, batch_size and val_every must be >= 1")
-    if cfg.gtan.n_widths < 1 or not 0 <= cfg.gtan.grow_until <= 1 or not 0 <= cfg.gtan.beta <= 1:
-        raise ValueError("'gtan' needs n_widths >= 1 and grow_until, beta in [0, 1]")
+    if cfg.train.patience < 0:
+        raise ValueError(f"'train.patience' must be >= 0 (0: no early stop), got {cfg.train.patience}")
+    g = cfg.gtan
+    if g.n_widths < 1 or not 0 <= g.grow_until <= 1 or not 0 <= g.beta <= 1 or g.assistant_every < 1:
+        raise ValueError("'gtan' needs n_widths >= 1, assistant_every >= 1 and grow_until, beta in [0, 1]")

@@ -273,6 +273,10 @@ class AssistantAndStudent(nn.Module):
         super().__init__()
         self.slim = slim
         self.assistant_k = 1
+        self.with_assistant = True
+        """False on the steps GTAN's assistant_every skips: the student's pass alone."""
 
     def forward(self, x):
+        if not self.with_assistant:
+            return {"student": self.slim(x, 0)}
         return {"assistant": self.slim(x, self.assistant_k), "student": self.slim(x, 0)}

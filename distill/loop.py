@@ -60,6 +60,15 @@ def sync_buffers(module: nn.Module, ctx: Dist) -> None:
             dist.broadcast(buf, 0)
 
 
+def agree(flag: bool, ctx: Dist) -> bool:
+    """Rank 0's `flag` on every rank (rank 0 alone validates, so it alone decides an early stop)."""
+    if ctx.world == 1:
+        return bool(flag)
+    buf = torch.tensor([int(flag)], device=ctx.device)
+    dist.broadcast(buf, 0)
+    return bool(buf.item())
+
+
 class StepSampler(torch.utils.data.Sampler):
     """Sample indices for this rank from `start` to `steps`, batch by batch."""
 
@@ -82,6 +91,9 @@ class LoopState:
     step: int = 0
     best: float | None = None
     best_state: dict | None = None
+    best_step: int = 0
+    stopped: bool = False
+    """Set by a callback (Validate's patience) at a validation: the run ends there, as if finished."""
     step_loss: list[float] = field(default_factory=list)
     validations: list[dict] = field(default_factory=list)
     """One row per validation: step, lr, mean loss and parts since the last one, seconds, ..."""
@@ -155,7 +167,11 @@ def fit(
                 "step": state.step,
                 "lr": lr_at(step),
                 "loss": float(np.mean([v for v, _ in window])),
-                **{k: float(np.mean([p[k] for _, p in window])) for k in parts},
+                # mean of each part over the steps that had it (GTAN's assistant may skip steps)
+                **{
+                    k: float(np.mean([p[k] for _, p in window if k in p]))
+                    for k in dict.fromkeys(k for _, p in window for k in p)
+                },
                 "seconds": state.seconds,
             }
             state.validations.append(row)
@@ -164,6 +180,8 @@ def fit(
                 cb.on_validation(state, row)
             module.train()
             ctx.barrier()
+            if agree(state.stopped, ctx):
+                break
             if stop_after is not None and stop_after <= state.step < steps:
                 break
     finally:

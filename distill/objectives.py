@@ -151,8 +151,11 @@ class GTANObjective(KnowledgeDistillation):
         n_widths: int = 4,
         grow_until: float = 0.5,
         beta: float = 0.0,
+        assistant_every: int = 1,
         kd: KDSettings = KDSettings(),
     ):
+        if assistant_every < 1:
+            raise ValueError(f"gtan assistant_every must be >= 1, got {assistant_every}")
         if not 0 <= beta <= 1:
             raise ValueError(f"gtan beta must be in [0, 1], got {beta}")
         if not 0 <= grow_until <= 1:
@@ -168,9 +171,11 @@ class GTANObjective(KnowledgeDistillation):
         self.n_widths = n_widths
         self.grow_until = grow_until
         self.beta = beta
+        self.assistant_every = assistant_every
 
     def before_step(self, step, steps, optimizer):
         super().before_step(step, steps, optimizer)
+        self.module.with_assistant = step % self.assistant_every == 0
         k = assistant_index(step, steps, self.n_widths, self.grow_until)
         old = self.module.assistant_k
         if k == old:
@@ -189,7 +194,12 @@ class GTANObjective(KnowledgeDistillation):
     def loss(self, outputs, x, y):
         with torch.no_grad():
             t = self.teacher(x)
-        a = outputs["assistant"]
+        a = outputs.get("assistant")
+        if a is None:  # a step without the assistant's pass (assistant_every > 1): KD from the teacher
+            loss_s, parts_s = self.loss_fn(outputs["student"], y, t, self.alpha)
+            parts = {"student_task": parts_s["task"], "student_kd": parts_s["kd"],
+                     "assistant_k": self.module.assistant_k, "alpha": self.alpha}  # fmt: skip
+            return loss_s, parts
         loss_a, parts_a = self.loss_fn(a, y, t, self.alpha)
         loss_s, parts_s = self.loss_fn(outputs["student"], y, [(1 - self.beta, a.detach()), (self.beta, t)], self.alpha)
         parts = {

@@ -96,7 +96,7 @@ def synthesize(p: Phantoms, out: Path, ctx: Dist) -> Path:
     return path
 
 
-def settings(cfg: Config, steps: int) -> TrainSettings:
+def settings(cfg: Config, steps: int, *, patience: int = 0) -> TrainSettings:
     t = cfg.train
     return TrainSettings(
         steps=steps,
@@ -105,6 +105,7 @@ def settings(cfg: Config, steps: int) -> TrainSettings:
         weight_decay=t.weight_decay,
         val_every=t.val_every,
         num_workers=t.num_workers,
+        patience=patience,
     )
 
 
@@ -120,8 +121,10 @@ def run_stage(
     stage: str,
     resume: bool,
     ctx: Dist,
+    patience: int = 0,
 ):
-    """Train one stage into `out` unless it is there already; return (model, seconds)."""
+    """Train one stage into `out` unless it is there already; return (model, seconds, its best
+    validation Dice). `patience`: early stop (the teacher and TAKD's assistant), see TrainSettings."""
     if not out.exists():
         torch.manual_seed(seed)
         objective = make_objective()
@@ -132,7 +135,7 @@ def run_stage(
             dataset,
             data.val,
             cfg.spec,
-            settings(cfg, steps),
+            settings(cfg, steps, patience=patience),
             out,
             preset=preset,
             stage=stage,
@@ -142,7 +145,8 @@ def run_stage(
         ctx.barrier()
     payload = load_checkpoint(out)
     model, _ = model_from_checkpoint(payload)
-    return model.to(ctx.device), float(payload["extra"].get("seconds", 0.0))
+    val = payload.get("best_val_dice")
+    return model.to(ctx.device), float(payload["extra"].get("seconds", 0.0)), None if val is None else float(val)
 
 
 def kd_objective(cfg: Config, preset: str, teacher):
@@ -158,6 +162,7 @@ def gtan_objective(cfg: Config, preset: str, teacher):
         n_widths=g.n_widths,
         grow_until=g.grow_until,
         beta=g.beta,
+        assistant_every=g.assistant_every,
         kd=cfg.kd,
     )
 
@@ -176,6 +181,7 @@ def train_teacher(cfg: Config, data: Data, resume: bool, ctx: Dist):
         stage="teacher",
         resume=resume,
         ctx=ctx,
+        patience=cfg.train.patience,
     )
 
 
@@ -201,14 +207,14 @@ def run(cfg: Config, *, resume: bool = False, echo=print) -> dict:
     if ctx.main:
         write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2, default=str) + "\n")
     data = load_data(cfg, ctx)
-    teacher, teacher_s = (None, 0.0) if cfg.method == "nokd" else train_teacher(cfg, data, resume, ctx)
+    teacher, teacher_s, _ = (None, 0.0, None) if cfg.method == "nokd" else train_teacher(cfg, data, resume, ctx)
     preset = cfg.models.student
     makers = {
         "nokd": lambda: Supervised(create_model(preset)),
         "kd": kd_objective(cfg, preset, teacher),
         "gtan": gtan_objective(cfg, preset, teacher),
     }
-    student, student_s = run_stage(cfg, data, out / f"{cfg.method}.pt", makers[cfg.method],
+    student, student_s, _ = run_stage(cfg, data, out / f"{cfg.method}.pt", makers[cfg.method],
                                    steps=cfg.train.steps.student, seed=cfg.seed, preset=preset, stage=cfg.method,
                                    resume=resume, ctx=ctx)  # fmt: skip
     if not ctx.main:
@@ -236,28 +242,32 @@ def run(cfg: Config, *, resume: bool = False, echo=print) -> dict:
 
 
 def ablation(cfg: Config, *, seeds: int = 3, resume: bool = False) -> dict:
-    """Teacher once; then per seed a TA (for TAKD) and, per student size, the four methods."""
+    """Teacher once; then per seed a TA (for TAKD, the teacher's budget) and, per student size, the
+    four methods, each evaluated on the held-out phantoms and on the real validation CTs
+    (`ablation.real`), through core.inference as `liverkd infer` runs them."""
     ctx = setup_distributed()
     root = Path(cfg.run_dir)
     root.mkdir(parents=True, exist_ok=True)
     data = load_data(cfg, ctx)
-    teacher, teacher_s = train_teacher(cfg, data, resume, ctx)
+    real = real_cases(cfg)
+    teacher, teacher_s, teacher_val = train_teacher(cfg, data, resume, ctx)
     results: dict[str, dict[str, list[dict]]] = {p: {m: [] for m in METHODS} for p in cfg.ablation.students}
     for s in range(seeds):
         seed = cfg.seed + s
         folder = root / "ablation" / f"seed{s}"
         ta_name = cfg.models.assistant
-        ta, ta_s = run_stage(
+        ta, ta_s, _ = run_stage(
             cfg,
             data,
             folder / "ta.pt",
             kd_objective(cfg, ta_name, teacher),
-            steps=cfg.train.steps.assistant,
+            steps=cfg.train.steps.teacher,  # Mirzadeh et al.: the assistant is trained as the teacher is
             seed=seed,
             preset=ta_name,
             stage="ta",
             resume=resume,
             ctx=ctx,
+            patience=cfg.train.patience,
         )
         for preset in cfg.ablation.students:
             makers = {
@@ -267,7 +277,7 @@ def ablation(cfg: Config, *, seeds: int = 3, resume: bool = False) -> dict:
                 "gtan": gtan_objective(cfg, preset, teacher),
             }
             for method in METHODS:
-                model, secs = run_stage(
+                model, secs, val = run_stage(
                     cfg,
                     data,
                     folder / preset / f"{method}.pt",
@@ -280,83 +290,164 @@ def ablation(cfg: Config, *, seeds: int = 3, resume: bool = False) -> dict:
                     ctx=ctx,
                 )
                 if ctx.main:
-                    metrics = evaluate(model, data.test, cfg.spec, ctx.device)
                     # TAKD's cost includes training its assistant
                     wall = secs + (ta_s if method == "takd" else 0.0)
                     results[preset][method].append(
                         {
                             "seed": seed,
-                            "dice": metrics["dice"],
-                            "hd95": metrics["hd95"],
                             "seconds": wall,
                             "params": count_params(model),
-                        }
+                            "val_dice": val,
+                            **scores(model, data, real, cfg, ctx),
+                        }  # fmt: skip
                     )
     if not ctx.main:
         return {}
-    teacher_metrics = evaluate(teacher, data.test, cfg.spec, ctx.device)
+    teacher_row = {"preset": cfg.models.teacher, "params": count_params(teacher), "seconds": teacher_s,
+                   "val_dice": teacher_val, **scores(teacher, data, real, cfg, ctx)}  # fmt: skip
+    rows = [summarize(p, m, results[p][m]) for p in cfg.ablation.students for m in METHODS]
     table = {
         "config": cfg.source,
         "seeds": seeds,
         "test_cases": [c.case_id for c in data.test],
-        "teacher": {
-            "preset": cfg.models.teacher,
-            "params": count_params(teacher),
-            "dice": teacher_metrics["dice"],
-            "hd95": teacher_metrics["hd95"],
-            "seconds": teacher_s,
-        },
-        "rows": [summarize(p, m, results[p][m]) for p in cfg.ablation.students for m in METHODS],
+        "real_cases": [c.case_id for c in real],
+        "teacher": teacher_row,
+        "teacher_check": teacher_check(teacher_row, rows),
+        "rows": rows,
     }
     write_json(root / "ablation.json", to_jsonable(table))
     write_text(root / "ablation.md", markdown_table(table))
     return table
 
 
-def summarize(preset: str, method: str, runs: list[dict]) -> dict:
-    def stats(key):
-        """Mean and sd over the runs with a finite value (an empty prediction has no HD95)."""
-        values = np.array([r[key] for r in runs], dtype=float)
-        values = values[np.isfinite(values)]
-        if len(values) == 0:
-            return None, None
-        return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None
+def real_cases(cfg: Config) -> list:
+    """The real validation CTs under `ablation.real` (none without it, or where they are absent)."""
+    from liverkd.core.datasets import real_validation_cases
 
-    dice_m, dice_sd = stats("dice")
-    hd_m, hd_sd = stats("hd95")
-    return {
-        "preset": preset,
-        "method": method,
-        "params": runs[0]["params"],
-        "dice_mean": dice_m,
-        "dice_sd": dice_sd,
-        "hd95_mean": hd_m,
-        "hd95_sd": hd_sd,
-        "seconds_mean": stats("seconds")[0],
-        "runs": runs,
-        "empty_predictions": sum(1 for r in runs if r["dice"] == 0.0),
-    }
+    return real_validation_cases(cfg.ablation.real) if cfg.ablation.real else []
+
+
+def scores(model, data: Data, real: list, cfg: Config, ctx: Dist) -> dict:
+    """Held-out synthetic and real Dice / HD95 of one model (means over cases, and per real case)."""
+    synthetic = evaluate(model, data.test, cfg.spec, ctx.device)
+    out = {"dice": synthetic["dice"], "hd95": synthetic["hd95"]}
+    if real:
+        r = evaluate(model, real, cfg.spec, ctx.device)
+        out.update(real_dice=r["dice"], real_hd95=r["hd95"], real_cases={c["case"]: c["dice"] for c in r["cases"]})
+    return out
+
+
+METRICS = ("dice", "hd95", "real_dice", "real_hd95", "val_dice", "seconds")
+
+
+def summarize(preset: str, method: str, runs: list[dict]) -> dict:
+    """Mean and sd over seeds of every metric, and the per-seed values."""
+    row = {"preset": preset, "method": method, "params": runs[0]["params"], "runs": runs}
+    for key in METRICS:
+        row[f"{key}_mean"], row[f"{key}_sd"] = stats([r.get(key) for r in runs])
+    row["empty_predictions"] = sum(1 for r in runs if r["dice"] == 0.0 or r.get("real_dice", 1.0) == 0.0)
+    return row
+
+
+def stats(values) -> tuple[float | None, float | None]:
+    """Mean and sd (ddof 1) over the finite values (an empty prediction has no HD95)."""
+    v = np.array([x for x in values if x is not None], dtype=float)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return None, None
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else None
+
+
+def paired(row: dict, baseline: dict, key: str) -> tuple[float | None, float | None]:
+    """Mean and sd over seeds of (method - no KD) for `key`, seed by seed (the same data, the same
+    initialisation seed, the same patches: only the method differs)."""
+    base = {r["seed"]: r.get(key) for r in baseline["runs"]}
+    return stats(
+        [r[key] - base[r["seed"]] for r in row["runs"] if r.get(key) is not None and base.get(r["seed"]) is not None]
+    )
+
+
+def teacher_check(teacher: dict, rows: list[dict]) -> dict:
+    """Is the teacher better than every no-KD student, on validation (what the stages select on),
+    and on the held-out and real cases? A KD gain from a teacher that is not is no test of KD."""
+    out = {}
+    for r in rows:
+        if r["method"] != "nokd":
+            continue
+        out[r["preset"]] = {
+            key: None if teacher.get(key) is None or r[f"{key}_mean"] is None else teacher[key] - r[f"{key}_mean"]
+            for key in ("val_dice", "dice", "real_dice")
+        }
+    out["teacher_better_on_validation"] = all(
+        (m["val_dice"] or 0.0) > 0 for k, m in out.items() if isinstance(m, dict)
+    )  # fmt: skip
+    return out
 
 
 def markdown_table(table: dict) -> str:
     t = table["teacher"]
+    real = bool(table.get("real_cases"))
+    where = f"held out: {', '.join(table['test_cases'])}" + (
+        f"; real: {', '.join(table['real_cases'])}" if real else ""
+    )
     lines = [
-        f"Held-out cases: {', '.join(table['test_cases'])}; {table['seeds']} seed(s); Dice and HD95 mean ± sd over "
-        "seeds; wall time per method (TAKD includes its assistant's training).",
+        f"{table['seeds']} seed(s); {where}. Dice mean ± sd over seeds; Δ: the method minus no KD, "
+        "paired by seed (mean ± sd of the per-seed differences); wall time per method (TAKD includes "
+        "its assistant's training).",
         "",
-        "| student | method | params | Dice | HD95 (mm) | wall time (s) |",
-        "|---|---|---:|---|---|---:|",
-        f"| teacher | - | {t['params']:,} | {t['dice']:.3f} | {fmt(t['hd95'])} | {t['seconds']:.0f} |",
     ]
+    check = table.get("teacher_check", {})
+    if not check.get("teacher_better_on_validation", True):
+        lines += [
+            "**WARNING: the teacher is not better than every no-KD student on validation** "
+            "(teacher minus no KD: "
+            + ", ".join(f"{p} {fmt_signed(m['val_dice'])}" for p, m in check.items() if isinstance(m, dict))
+            + "): a KD gain below is not a gain from distillation.",
+            "",
+        ]
+    head = "| student | method | params | Dice (synthetic) | Δ synthetic |"
+    rule = "|---|---|---:|---|---|"
+    if real:
+        head += " Dice (real) | Δ real | HD95 real (mm) |"
+        rule += "---|---|---|"
+    lines += [head + " wall time (s) |", rule + "---:|"]
+    teacher_cells = f"| teacher | - | {t['params']:,} | {t['dice']:.3f} | |"
+    if real:
+        teacher_cells += f" {t['real_dice']:.3f} | | {fmt(t['real_hd95'])} |"
+    lines.append(teacher_cells + f" {t['seconds']:.0f} |")
+    baselines = {r["preset"]: r for r in table["rows"] if r["method"] == "nokd"}
     for r in table["rows"]:
         empty = r.get("empty_predictions", 0)
         note = f" ({empty} of {len(r['runs'])} seeds: no liver found)" if empty else ""
-        lines.append(
+        base = baselines[r["preset"]]
+        cells = (
             f"| {r['preset']} | {METHOD_NAMES[r['method']]} | {r['params']:,} | "
-            f"{r['dice_mean']:.3f}{sd(r['dice_sd'], 3)}{note} | {fmt(r['hd95_mean'])}{sd(r['hd95_sd'], 1)} | "
-            f"{r['seconds_mean']:.0f} |"
+            f"{r['dice_mean']:.3f}{sd(r['dice_sd'], 3)}{note} | {delta_cell(r, base, 'dice')} |"
         )
+        if real:
+            cells += (f" {r['real_dice_mean']:.3f}{sd(r['real_dice_sd'], 3)} | {delta_cell(r, base, 'real_dice')} |"
+                      f" {fmt(r['real_hd95_mean'])} |")  # fmt: skip
+        lines.append(cells + f" {r['seconds_mean']:.0f} |")
+    lines += ["", "Per seed (Dice synthetic / real):", ""]
+    for r in table["rows"]:
+        values = ", ".join(
+            f"{run['seed']}: {run['dice']:.3f}" + (f" / {run['real_dice']:.3f}" if real else "") for run in r["runs"]
+        )
+        lines.append(f"- {r['preset']} {METHOD_NAMES[r['method']]}: {values}")
     return "\n".join(lines) + "\n"
+
+
+def delta_cell(row: dict, baseline: dict, key: str) -> str:
+    """The paired difference to no KD, as a cell (empty on the no-KD row itself)."""
+    return "" if row is baseline else signed_sd(*paired(row, baseline, key))
+
+
+def signed_sd(mean, spread) -> str:
+    return "n/a" if mean is None else f"{mean:+.3f}" + sd(spread, 3)
+
+
+def fmt_signed(x) -> str:
+    return "n/a" if x is None else f"{x:+.3f}"
 
 
 def sd(x, digits: int) -> str:

@@ -37,6 +37,8 @@ class TrainSettings:
     weight_decay: float = 1e-5
     val_every: int = 50
     num_workers: int = 0
+    patience: int = 0
+    """Validations without a better Dice before the run stops early (best weights kept); 0: never."""
 
     def lr_at(self, step: int) -> float:
         """Polynomial decay (nnU-Net): lr * (1 - step / steps) ** 0.9."""
@@ -77,17 +79,22 @@ def validation_dice(model: nn.Module, volumes: list[Prepared], spec: PreprocessS
 
 
 class Validate(Callback):
-    """Validation Dice into the row; the best weights so far into the state."""
+    """Validation Dice into the row; the best weights so far into the state. With `patience`,
+    the run stops (state.stopped) after that many validations without a better Dice."""
 
-    def __init__(self, objective, volumes: list[Prepared], spec: PreprocessSpec, device):
+    def __init__(self, objective, volumes: list[Prepared], spec: PreprocessSpec, device, patience: int = 0):
         self.objective, self.volumes, self.spec, self.device = objective, volumes, spec, device
+        self.patience = patience
 
     def on_validation(self, state, row):
         model = self.objective.eval_model()
         row["val_dice"] = validation_dice(model, self.volumes, self.spec, self.device)
         if state.best is None or row["val_dice"] > state.best:
             state.best = row["val_dice"]
+            state.best_step = state.step
             state.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        since = sum(1 for r in state.validations if r["step"] > state.best_step)
+        state.stopped = bool(self.patience) and since >= self.patience
 
 
 class Checkpoint(Callback):
@@ -114,7 +121,7 @@ class Checkpoint(Callback):
     def on_validation(self, state, row):
         model = self.objective.eval_model()
         common = {**self.meta, "step": state.step, "best_val_dice": state.best}
-        if state.step < self.settings.steps:
+        if state.step < self.settings.steps and not state.stopped:
             extra = {
                 "trainable": self.objective.module.state_dict(),
                 "loop": asdict(state),
@@ -126,7 +133,8 @@ class Checkpoint(Callback):
         if state.best_state is not None:  # a copy: the trained module itself stays as it is
             model = copy.deepcopy(model)
             model.load_state_dict(state.best_state)
-        summary = {"seconds": state.seconds, "settings": asdict(self.settings), "validations": state.validations}
+        summary = {"seconds": state.seconds, "settings": asdict(self.settings), "validations": state.validations,
+                   "best_step": state.best_step, "stopped_early": state.stopped}  # fmt: skip
         save_checkpoint(self.out, model, self.spec, extra=summary, **common)
         self.partial.unlink(missing_ok=True)
 
@@ -252,7 +260,7 @@ def train(
     callbacks = []
     if ctx.main:  # rank 0 validates, writes and shows progress
         callbacks = [
-            Validate(objective, val, spec, ctx.device),
+            Validate(objective, val, spec, ctx.device, settings.patience),
             Checkpoint(
                 out, objective, optimizer, spec, settings, preset=preset, stage=stage or objective.stage, title=title
             ),
@@ -278,5 +286,6 @@ def train(
         "best_val_dice": state.best,
         "seconds": state.seconds,
         "step_loss": state.step_loss,
-        "finished": state.step == settings.steps,
+        "finished": state.step == settings.steps or state.stopped,
+        "stopped_early": state.stopped,
     }

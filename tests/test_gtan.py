@@ -88,6 +88,31 @@ def test_gtan_trains_assistant_and_student_in_one_step():
     assert any("weight" in k for k in changed)
 
 
+def test_assistant_every_k_steps_skips_its_pass_in_between():
+    """gtan.assistant_every 2: the assistant's pass on steps 0, 2, ...; on the others the student
+    alone learns (from the teacher) and no assistant-only weight gets a gradient."""
+    teacher = UNet3D(UNetConfig(widths=(8, 16)))
+    obj = GTANObjective(teacher, UNetConfig(widths=(2, 4)), UNetConfig(widths=(6, 12)), n_widths=2,
+                        assistant_every=2)  # fmt: skip
+    x = torch.randn(2, 1, 8, 8, 8)
+    y = (x[:, 0] > 0).long()
+    opt = torch.optim.AdamW(obj.module.parameters(), lr=1e-2)
+    assistant_only = obj.slim.head.weight  # rows past the student's 2 classes' inputs are the assistant's
+    for step in range(4):
+        obj.before_step(step, 4, opt)
+        out = obj.module(x)
+        assert ("assistant" in out) == (step % 2 == 0)
+        loss, parts = obj.loss(out, x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss) and ("assistant_kd" in parts) == (step % 2 == 0)
+        wide = assistant_only.grad[:, obj.slim.schedule[0][0] :]
+        assert (wide.abs().sum() > 0) == (step % 2 == 0)  # the assistant's channels learn only on its steps
+    with pytest.raises(ValueError, match="assistant_every"):
+        GTANObjective(teacher, UNetConfig(widths=(2, 4)), UNetConfig(widths=(6, 12)), assistant_every=0)
+
+
 def first_update_after_growth(handle_moments: bool, lr=1e-3):
     """Median |update| / lr of the weights growth 1 -> 2 makes active, at step 5000 of a run."""
     slim = slim_net()

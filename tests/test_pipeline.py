@@ -16,7 +16,7 @@ TINY = {
     "patch": [16, 16, 16],
     "models": {"teacher": "teacher", "assistant": "ta", "student": "student-30k"},
     "gtan": {"n_widths": 2, "grow_until": 0.5, "beta": 0.0},
-    "train": {"steps": {"teacher": 2, "assistant": 2, "student": 2}, "batch_size": 1, "val_every": 2},
+    "train": {"steps": {"teacher": 2, "student": 2}, "batch_size": 1, "val_every": 2},
     "ablation": {"students": ["student-30k"]},
 }
 
@@ -50,21 +50,54 @@ def test_run_end_to_end_then_skips_finished_stages(tmp_path, liverkd_cmd):
     assert json.loads((run / "heldout.json").read_text())["student"]["dice"] == heldout["student"]["dice"]
 
 
+def _validation_folder(root):
+    """A folder in ../shared/data's layout holding two phantoms under real case names: the
+    ablation's real-case plumbing on files it can read in CI (no real CT is part of a clone)."""
+    from liverkd.core import volume as V
+    from liverkd.core.datasets import REAL_VALIDATION
+    from liverkd.core.synth import synth_case
+
+    for seed, name in enumerate(("ircad01", "tsexample")):
+        image, label = synth_case(50 + seed, shape=(40, 40, 40), spacing=9.0)
+        for volume, rel in zip((image, label), REAL_VALIDATION[name]):
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            V.save(volume.to_nifti(), root / rel)
+    return root
+
+
 def test_ablation_writes_a_table(tmp_path, liverkd_cmd):
-    config = write_config(tmp_path)
+    real = _validation_folder(tmp_path / "shared")
+    config = write_config(tmp_path, ablation={"students": ["student-30k"], "real": str(real)},
+                          train={**TINY["train"], "steps": {"teacher": 4, "student": 2}})  # fmt: skip
     proc = subprocess.run(
-        [*liverkd_cmd, "distill", "ablation", str(config), "--seeds", "1"], capture_output=True, text=True, timeout=600
+        [*liverkd_cmd, "distill", "ablation", str(config), "--seeds", "2"], capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = json.loads((tmp_path / "run" / "ablation.json").read_text())
     assert [r["method"] for r in table["rows"]] == ["nokd", "kd", "takd", "gtan"]
     assert all(r["params"] == 27_133 and 0 <= r["dice_mean"] <= 1 for r in table["rows"])
+    assert table["real_cases"] == ["ircad01", "tsexample"]
+    for r in table["rows"]:  # every seed's own values, on both kinds of case
+        assert [run["seed"] for run in r["runs"]] == [0, 1]
+        assert all(
+            0 <= run["real_dice"] <= 1 and set(run["real_cases"]) == {"ircad01", "tsexample"} for run in r["runs"]
+        )
     seed0 = tmp_path / "run" / "ablation" / "seed0"
+    assert load_checkpoint(seed0 / "ta.pt")["step"] == 4  # TAKD's assistant: the teacher's budget
     ta_s = load_checkpoint(seed0 / "ta.pt")["extra"]["seconds"]
     takd_s = load_checkpoint(seed0 / "student-30k" / "takd.pt")["extra"]["seconds"]
-    assert table["rows"][2]["seconds_mean"] == pytest.approx(ta_s + takd_s)  # TAKD pays for its assistant
+    assert table["rows"][2]["runs"][0]["seconds"] == pytest.approx(ta_s + takd_s)  # TAKD pays for its assistant
     md = (tmp_path / "run" / "ablation.md").read_text()
-    assert "| student-30k | GTAN |" in md and "| teacher |" in md
+    assert "| student-30k | GTAN |" in md and "| teacher |" in md and "Dice (real)" in md
+    kd, nokd = table["rows"][1]["runs"], table["rows"][0]["runs"]
+    delta = [a["dice"] - b["dice"] for a, b in zip(kd, nokd)]
+    assert f"{sum(delta) / 2:+.3f}" in md.split("| student-30k | KD |")[1].splitlines()[0]  # paired by seed
+    check = table["teacher_check"]
+    assert check["student-30k"]["val_dice"] == pytest.approx(
+        table["teacher"]["val_dice"] - table["rows"][0]["val_dice_mean"]
+    )
+    if not check["teacher_better_on_validation"]:  # 4 steps: usually not; then the table says so
+        assert "WARNING: the teacher is not better" in md
 
 
 @pytest.mark.parametrize(
@@ -78,6 +111,9 @@ def test_ablation_writes_a_table(tmp_path, liverkd_cmd):
         ({"gtan": {"widths": 2}}, "'gtan.widths' is now 'gtan.n_widths'"),
         ({"kd": {"alpha": 0.5, "warmup": 2.0}}, "'kd.warmup' must be in"),
         ({"train": {"seed": 1}}, "unknown key 'train.seed'"),
+        ({"train": {"steps": {"teacher": 2, "assistant": 2}}}, "'train.steps.assistant' is gone: TAKD's assistant"),
+        ({"train": {"patience": -1}}, "'train.patience' must be >= 0"),
+        ({"gtan": {"assistant_every": 0}}, "assistant_every >= 1"),
     ],
 )
 def test_bad_configs_name_the_problem(tmp_path, change, message, liverkd_cmd):
@@ -122,7 +158,7 @@ def test_packaged_config_by_name_with_overrides_runs_here(liverkd_cmd, tmp_path)
     """`liverkd distill run quick --set ...` from any folder: run_dir (runs/quick) is under the current one."""
     tiny = {"data.phantoms": "{n: 4, shape: [32, 32, 32], seed: 0}", "data.val": 1, "data.test": 1,
             "spec.spacing": "[12, 12, 12]", "spec.input_shape": "[32, 32, 32]", "patch": "[16, 16, 16]",
-            "gtan.n_widths": 2, "train.steps": "{teacher: 2, assistant: 2, student: 2}", "train.batch_size": 1,
+            "gtan.n_widths": 2, "train.steps": "{teacher: 2, student: 2}", "train.batch_size": 1,
             "train.val_every": 2}  # fmt: skip
     sets = [a for key, value in tiny.items() for a in ("--set", f"{key}={value}")]
     proc = subprocess.run([*liverkd_cmd, "distill", "run", "quick", *sets, "-q"], capture_output=True, text=True,

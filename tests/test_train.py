@@ -67,6 +67,24 @@ def test_checkpoint_and_logs(volumes, tmp_path):
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
+def test_patience_stops_early_and_keeps_the_best_weights(volumes, tmp_path):
+    """lr 0: the validation Dice can never rise again, so patience 2 ends the run at its third
+    validation (step 3 of 40), with OUT.pt written as if finished and no partial checkpoint."""
+    vols, spec = volumes
+    torch.manual_seed(0)
+    dataset = PatchDataset(vols[:2], (16, 16, 16), augment=Augment(), seed=3)
+    settings = TrainSettings(steps=40, batch_size=1, lr=0.0, val_every=1, patience=2)
+    out = tmp_path / "teacher.pt"
+    result = train(Supervised(UNet3D(TINY)), dataset, vols[2:], spec, settings, out, stage="teacher")
+    assert result["stopped_early"] and result["finished"] and result["step"] == 3
+    payload = load_checkpoint(out)
+    assert payload["step"] == 3 and payload["extra"]["stopped_early"] and payload["extra"]["best_step"] == 1
+    assert not partial_path(out).exists()
+    whole = train(Supervised(UNet3D(TINY)), dataset, vols[2:], spec,
+                  TrainSettings(steps=5, batch_size=1, lr=0.0, val_every=1), tmp_path / "all.pt")  # fmt: skip
+    assert whole["step"] == 5 and not whole["stopped_early"]  # patience 0: every step
+
+
 def test_patches_are_seeded_and_foreground_biased(volumes):
     vols, _ = volumes
     a = PatchDataset(vols, (16, 16, 16), augment=Augment(), seed=1)

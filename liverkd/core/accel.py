@@ -5,8 +5,9 @@
 - connected components: `cc3d` (connected-components-3d, the `fast` extra) labels a grid several
   times faster than scipy.ndimage.label; without it, scipy.
 
-`plain()` (or LIVERKD_PLAIN=1) turns every accelerator off: the reference path that
-benchmarks/e2e.py and the tests compare the fast path against.
+`plain()` (or LIVERKD_PLAIN=1) turns every accelerator off (these two, and the reader's block mean
+summed on a second thread while the file inflates, liverkd.core.volume.load): the reference path
+that benchmarks/e2e.py and the tests compare the fast path against.
 """
 
 from __future__ import annotations
@@ -68,10 +69,10 @@ def stage_paths() -> dict[str, str]:
     now = available()
     gz, cc = now["gzip"], now["components"]
     return {
-        "read": f"{gz} gunzip, voxels viewed in place",
-        "reorient_resample": "views; block mean in memory order" + ("" if not _plain else " (plain)"),
+        "read": f"{gz} gunzip, voxels viewed in place" + ("" if _plain else "; block mean summed while inflating"),
+        "reorient_resample": "views; block mean in memory order" + (" (plain)" if _plain else ", from the read"),
         "postprocess": f"{cc} components",
-        "resample_back": "full trilinear + threshold" if _plain else "straddling cells only (exact)",
+        "resample_back": "full trilinear + threshold" if _plain else "straddling cells only, in the input's directions",
         "write": f"{gz} level 1",
     }
 
@@ -84,22 +85,34 @@ def gunzip(data, max_bytes: int) -> bytes:
 
     Stopping at `max_bytes` bounds the memory a lying header or a compression bomb can take,
     and reads only the first volume of a 4-D image."""
+    out = list(gunzip_chunks(data, max_bytes, len(data)))
+    return out[0] if len(out) == 1 else b"".join(out)
+
+
+def gunzip_chunks(data, max_bytes: int, chunk: int):
+    """gunzip's bytes in pieces, as they are inflated (a generator), from `chunk` compressed
+    bytes at a time: a reader can use each piece on another thread while the next one inflates
+    (ISA-L and zlib release the GIL). Raises ValueError on corrupt data."""
     module = _isal_zlib() or zlib
-    out = []
     left = max_bytes
     view = memoryview(data)
+    chunk = max(1, int(chunk))
     try:
         while left > 0 and len(view):
             d = module.decompressobj(GZIP)
-            chunk = d.decompress(view, left)
-            out.append(chunk)
-            left -= len(chunk)
+            end = 0
+            while left > 0 and not d.eof and end < len(view):
+                start, end = end, min(end + chunk, len(view))
+                piece = d.decompress(view[start:end], left)
+                if piece:
+                    left -= len(piece)
+                    yield piece
             if not d.eof:
                 break  # max_bytes reached, or the stream is truncated (the caller checks the length)
-            view = memoryview(d.unused_data)
+            rest = view[end:]  # after this member: what its last input held beyond it, then the input not fed
+            view = memoryview(bytes(d.unused_data) + bytes(rest)) if len(rest) else memoryview(d.unused_data)
     except (zlib.error, module.error) as e:
         raise ValueError(f"corrupt gzip data: {e}") from None
-    return out[0] if len(out) == 1 else b"".join(out)
 
 
 def gzip_compress(chunks, level: int) -> bytes:

@@ -43,6 +43,28 @@ class Case:
     label: Path | None
 
 
+REAL_VALIDATION = {
+    "ircad01": ("real_ct/ircad01_ct.nii.gz", "real_ct/ircad01_liver.nii.gz"),
+    "ircad07": ("real_ct/ircad07_ct.nii.gz", "real_ct/ircad07_liver.nii.gz"),
+    "tsexample": ("real_ct/tsexample_ct.nii.gz", "real_ct/tsexample_liver.nii.gz"),
+    "ct_3mm": ("totalseg_example/ct_3mm.nii.gz", "totalseg_example/liver_ref_3mm.nii.gz"),
+}
+"""The real CTs with liver masks liverkd is validated on, by their place under the shared data
+folder (../shared/data; not part of a clone): 3D-IRCADb-01 patients 1 and 7 (manual masks) and
+TotalSegmentator's example CT (its own mask), twice. VALIDATION ONLY: never trained on, never
+copied into the project (their licences: the PROVENANCE.md files there)."""
+
+
+def real_validation_cases(root) -> list[Case]:
+    """The REAL_VALIDATION cases present under `root` (none where it or they are absent)."""
+    root = Path(root)
+    return [
+        Case(k, root / a, root / b)
+        for k, (a, b) in REAL_VALIDATION.items()
+        if (root / a).is_file() and (root / b).is_file()
+    ]
+
+
 def discover(path, require_labels: bool = True) -> list[Case]:
     """The cases of a data set folder or list file, layout detected from what is there.
 

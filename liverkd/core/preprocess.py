@@ -37,7 +37,9 @@ def to_spec_grid(vol: V.Volume, spec: PreprocessSpec, *, label: bool = False) ->
     """Canonical RAS orientation, then resample to spec.spacing."""
     arr, affine, orientation = V.to_canonical(vol.array, vol.affine)
     spacing = V.spacing_of(affine)
-    grid = V.resample(arr, spacing, spec.spacing, label=label)
+    grid = V.resample(
+        arr, spacing, spec.spacing, label=label, pooled=None if label else vol.block_mean_for(spec.spacing)
+    )
     geometry = Geometry(
         orientation=orientation,
         canonical_shape=tuple(arr.shape),
@@ -59,12 +61,13 @@ def from_spec_grid(grid: np.ndarray, geometry: Geometry, *, label: bool = True, 
     if tuple(grid.shape) != geometry.grid_shape:
         raise ValueError(f"grid shape {grid.shape} != {geometry.grid_shape}")
     spacings = geometry.spec_spacing, geometry.canonical_spacing
-    if threshold is not None and not label:
-        back = V.resample_mask(grid, *spacings, geometry.canonical_shape, threshold)
-    else:
-        back = V.resample(grid, *spacings, label=label, out_shape=geometry.canonical_shape)
-        if threshold is not None:
-            back = (back > threshold).view(np.uint8)
+    if threshold is not None and not label:  # written in the input's directions: no flipped copy afterwards
+        flip = V.canonical_flips(geometry.orientation)
+        back = V.resample_mask(grid, *spacings, geometry.canonical_shape, threshold, flip=flip)
+        return V.from_canonical(back, geometry.orientation, flipped=True)
+    back = V.resample(grid, *spacings, label=label, out_shape=geometry.canonical_shape)
+    if threshold is not None:
+        back = (back > threshold).view(np.uint8)
     return V.from_canonical(back, geometry.orientation)
 
 

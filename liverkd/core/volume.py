@@ -75,6 +75,15 @@ class Volume:
     header: nib.Nifti1Header | None = None
     path: str | None = None
     warnings: list[str] = field(default_factory=list)
+    pooled: tuple | None = field(default=None, repr=False, compare=False)
+    """(array, spacing, _block_mean's result): the block mean of this array's canonical view for
+    `spacing`, summed by load while the file inflated; resample takes it instead of summing again."""
+
+    def block_mean_for(self, spacing):
+        """load's block mean for `spacing`, if it has one for this very array (else None)."""
+        if self.pooled is None or self.pooled[0] is not self.array or not np.allclose(self.pooled[1], spacing):
+            return None
+        return self.pooled[2]
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -129,29 +138,99 @@ def load(path, max_voxels: int = MAX_VOXELS, *, grid_spacing=None) -> Volume:
         affine = header.get_best_affine()
     except (HeaderDataError, ValueError) as e:
         raise VolumeError(path, f"invalid affine in the header ({_first_line(e)})") from None
-    dataobj = _gz_voxels(path, header) if path.suffix.lower() == ".gz" else ArrayProxy(str(path), header)
-    return _volume(path, dataobj, affine, header, max_voxels, grid_spacing)
+    if path.suffix.lower() != ".gz":
+        return _volume(path, ArrayProxy(str(path), header), affine, header, max_voxels, grid_spacing)
+    stream = _block_mean_stream(path, header, affine, max_voxels, grid_spacing)
+    dataobj, pooled = _gz_voxels(path, header, stream)
+    vol = _volume(path, dataobj, affine, header, max_voxels, grid_spacing)
+    if pooled is not None and vol.array is dataobj:
+        vol.pooled = (vol.array, tuple(float(g) for g in grid_spacing), pooled)
+    return vol
 
 
-def _gz_voxels(path: Path, header) -> np.ndarray:
+GZ_PIECE_BYTES = 1 << 20
+"""Compressed bytes inflated at a time, each piece then stored and its blocks summed on a second thread."""
+
+
+def _gz_voxels(path: Path, header, stream=None) -> tuple[np.ndarray, tuple | None]:
     """The voxels of a .nii.gz in one pass: the file read whole, decompressed by accel.gunzip
     (ISA-L where installed, about 2x zlib) no further than the voxels end, and viewed in place
-    (F order, as stored: no copy). Scaling as nibabel's ArrayProxy applies it. Read-only."""
+    (F order, as stored: no copy). Scaling as nibabel's ArrayProxy applies it. Read-only.
+
+    With `stream` (array -> BlockMeanStream or None, from _block_mean_stream) the file inflates in
+    pieces while a second thread stores each piece and sums the blocks it completes: the block
+    mean resample needs is ready when the last piece is (returned second; else None)."""
     shape = header.get_data_shape()
     dtype = header.get_data_dtype()
     offset = int(header.get_data_offset())
     count = int(np.prod(shape, dtype=np.int64))
     need = offset + count * dtype.itemsize
+    pooled = None
     try:
-        raw = accel.gunzip(path.read_bytes(), need)
+        data = path.read_bytes()
+        if stream is None:
+            raw = accel.gunzip(data, need)
+            have = len(raw)
+            array = np.frombuffer(raw, dtype, count, offset).reshape(shape, order="F") if have >= need else None
+        else:
+            buffer = np.empty(need, np.uint8)
+            array = buffer[offset:].view(dtype).reshape(shape, order="F")
+            blocks = stream(array)
+            have = _inflate_into(buffer, data, blocks, offset)
+            array.flags.writeable = False
+            if have >= need and blocks is not None:
+                pooled = blocks.result()
     except (OSError, ValueError) as e:
         raise VolumeError(path, f"corrupt or truncated data ({_first_line(e)})") from None
-    if len(raw) < need:
-        have = max(0, len(raw) - offset)
+    if have < need:
+        have = max(0, have - offset)
         raise VolumeError(path, f"corrupt or truncated data (voxels end after {have:,} of {need - offset:,} bytes)")
-    array = np.frombuffer(raw, dtype, count, offset).reshape(shape, order="F")
     slope, inter = header.get_slope_inter()
-    return apply_read_scaling(array, slope, inter)
+    return apply_read_scaling(array, slope, inter), pooled
+
+
+def _inflate_into(buffer: np.ndarray, data, blocks, voxels_at: int) -> int:
+    """Inflate gzip `data` into `buffer` (at most its size); a second thread stores the pieces and
+    tells `blocks` (a BlockMeanStream, or None) how far the voxels (from byte `voxels_at`) are.
+    Returns the bytes inflated."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def store(at: int, piece: bytes) -> None:
+        buffer[at : at + len(piece)] = np.frombuffer(piece, np.uint8)
+        if blocks is not None:
+            blocks.filled(at + len(piece) - voxels_at)
+
+    at = 0
+    with ThreadPoolExecutor(1, thread_name_prefix="liverkd-inflate") as worker:
+        jobs = []
+        for piece in accel.gunzip_chunks(data, buffer.size, GZ_PIECE_BYTES):
+            jobs.append(worker.submit(store, at, piece))
+            at += len(piece)
+        for job in jobs:
+            job.result()
+    return at
+
+
+def _block_mean_stream(path, header, affine, max_voxels: int, grid_spacing):
+    """For load: `array -> BlockMeanStream` of the array's canonical view at `grid_spacing`, or None
+    where that is not needed (no grid spacing, no downsampling, the plain path) or the voxels are
+    not used as stored (4-D, scaled). The geometry is checked here, before a voxel is read."""
+    shape = tuple(int(n) for n in header.get_data_shape())
+    if grid_spacing is None or accel.is_plain() or len(shape) != 3:
+        return None
+    slope, inter = header.get_slope_inter()
+    if slope not in (None, 1.0) or inter not in (None, 0.0):
+        return None
+    affine_mm, _ = _affine_in_mm(path, affine, header)
+    check_geometry(path, shape, affine_mm, max_voxels=max_voxels, grid_spacing=grid_spacing)
+
+    def start(array: np.ndarray):
+        view, canonical_affine, _ = to_canonical(array, affine_mm)
+        step = np.asarray(grid_spacing, dtype=np.float64) / np.asarray(spacing_of(canonical_affine))
+        stream = BlockMeanStream(view, step)
+        return None if stream.plan.identity else stream
+
+    return start
 
 
 def _read_header(path: Path) -> nib.Nifti1Header:
@@ -392,16 +471,33 @@ def _apply_orientation(array, ornt):
     return out.transpose(order)
 
 
-def from_canonical(array: np.ndarray, orientation: Orientation) -> np.ndarray:
+def from_canonical(array: np.ndarray, orientation: Orientation, *, flipped: bool = False) -> np.ndarray:
     """Inverse of to_canonical: an array back in the original axis order, as a copy in the
-    array's own memory order (an F-order mask stays F order: NIfTI's, written without a transpose)."""
-    back = nib.orientations.ornt_transform(
-        nib.orientations.axcodes2ornt("RAS"), nib.orientations.io_orientation(orientation.affine)
-    )
+    array's own memory order (an F-order mask stays F order: NIfTI's, written without a transpose).
+
+    `flipped`: the array already has the flips of canonical_flips(orientation) (resample_mask
+    wrote it that way); only the axes are put back in order, and a contiguous result is not copied."""
+    back = _back_ornt(orientation)
+    if flipped:
+        back = back.copy()
+        back[:, 1] = 1
     out = _apply_orientation(array, back)
     if out.shape[:3] != orientation.shape:
         raise AssertionError(f"orientation round trip gave {out.shape}, expected {orientation.shape}")
+    if flipped and (out.flags.f_contiguous or out.flags.c_contiguous):
+        return out
     return out.copy(order="K")
+
+
+def canonical_flips(orientation: Orientation) -> tuple[bool, bool, bool]:
+    """Which canonical axes from_canonical reverses on the way back to the input's orientation."""
+    return tuple(bool(f == -1) for f in _back_ornt(orientation)[:, 1])
+
+
+def _back_ornt(orientation: Orientation) -> np.ndarray:
+    return nib.orientations.ornt_transform(
+        nib.orientations.axcodes2ornt("RAS"), nib.orientations.io_orientation(orientation.affine)
+    )
 
 
 # ---------------------------------------------------------------- resampling
@@ -409,6 +505,10 @@ def from_canonical(array: np.ndarray, orientation: Orientation) -> np.ndarray:
 
 def resampled_shape(shape, spacing, new_spacing) -> tuple[int, int, int]:
     return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, new_spacing))
+
+
+GAUSS_TRUNCATE = 4.0
+"""Anti-aliasing kernels reach this many sigmas (scipy's default); radius int(4 sigma + 0.5)."""
 
 
 def resample(
@@ -419,11 +519,13 @@ def resample(
     label: bool = False,
     out_shape=None,
     dtype=np.float32,
+    pooled=None,
 ) -> np.ndarray:
     """Resample to `new_spacing`, voxel (0,0,0) staying where it is.
 
     Linear for images (Gaussian anti-aliasing along axes that shrink), nearest for labels.
     Passing the original shape and spacing back gives the exact inverse geometry.
+    `pooled`: `_block_mean(array, ...)`'s result when it is already known (Volume.block_mean_for).
     """
     spacing = np.asarray(spacing, dtype=np.float64)
     new_spacing = np.asarray(new_spacing, dtype=np.float64)
@@ -435,18 +537,19 @@ def resample(
     step = new_spacing / spacing  # source voxels per target voxel
     if label:
         return _nearest(array, step, out_shape)
-    src, step, offset = _block_mean(array, step)
+    src, step, offset = pooled if pooled is not None else _block_mean(array, step)
     nd = xp.ndimage_of(src)
     sigma = np.where(step > 1, (step - 1) / 2, 0)
+    sigma[np.floor(GAUSS_TRUNCATE * sigma + 0.5) < 1] = 0  # a kernel of radius 0 is [1.0]: skip the pass
     if np.any(sigma > 0):
-        src = nd.gaussian_filter(src, sigma=tuple(sigma), mode="nearest")
+        src = nd.gaussian_filter(src, sigma=tuple(sigma), mode="nearest", truncate=GAUSS_TRUNCATE)
     out = xp.of(src).empty(out_shape, dtype=dtype)
     nd.affine_transform(src, xp.like(step, src), offset=tuple(offset), output_shape=out_shape, output=out, order=1,
                         mode="nearest", prefilter=False)  # fmt: skip
     return out
 
 
-def resample_mask(grid: np.ndarray, spacing, new_spacing, out_shape, threshold: float) -> np.ndarray:
+def resample_mask(grid: np.ndarray, spacing, new_spacing, out_shape, threshold: float, *, flip=None) -> np.ndarray:
     """`resample(grid, spacing, new_spacing, out_shape=out_shape) > threshold` as uint8, with the
     interpolation computed only where it decides something.
 
@@ -457,48 +560,69 @@ def resample_mask(grid: np.ndarray, spacing, new_spacing, out_shape, threshold: 
     times faster and without a full-size float array. Downsampling axes (thicker slices than
     the grid) and the plain path (accel.plain) resample everything.
 
-    The mask comes out in F order, NIfTI's own: computed on the transposed grid (a view)."""
+    The mask comes out in F order, NIfTI's own: computed on the transposed grid (a view).
+    `flip` (one bool per axis): the mask comes out reversed along those axes, written that way
+    rather than copied afterwards (from_canonical(..., flipped=True) then only reorders axes)."""
     spacing = np.asarray(spacing, dtype=np.float64)
     step = np.asarray(new_spacing, dtype=np.float64) / spacing
-    if accel.is_plain() or np.any(step > 1) or min(grid.shape) < 2:
-        return (resample(grid, spacing, new_spacing, out_shape=out_shape) > threshold).view(np.uint8)
-    return _threshold_upsampled(grid.T, step[::-1], tuple(int(n) for n in out_shape)[::-1], threshold).T
+    flip = tuple(bool(f) for f in (flip or (False, False, False)))
+    same_grid = tuple(grid.shape) == tuple(out_shape) and np.allclose(step, 1.0)
+    if accel.is_plain() or same_grid or np.any(step > 1) or min(grid.shape) < 2:
+        out = (resample(grid, spacing, new_spacing, out_shape=out_shape) > threshold).view(np.uint8)
+        for axis in (a for a in range(3) if flip[a]):
+            out = out[(slice(None),) * axis + (slice(None, None, -1),)]
+        return out
+    return _threshold_upsampled(grid.T, step[::-1], tuple(int(n) for n in out_shape)[::-1], threshold, flip[::-1]).T
 
 
-def _threshold_upsampled(grid: np.ndarray, step, out_shape, threshold: float) -> np.ndarray:
-    """resample_mask's fast path for an upsampling `step` (target voxel i at source coordinate i*step)."""
+def _threshold_upsampled(grid: np.ndarray, step, out_shape, threshold: float, flip) -> np.ndarray:
+    """resample_mask's fast path for an upsampling `step` (target voxel i at source coordinate i*step;
+    along a `flip` axis, stored at n - 1 - i)."""
+    a = xp.of(grid)
+    grid = grid.astype(np.float32, copy=False)
     above = grid > threshold
-    corners = [above[a : a + above.shape[0] - 1, b : b + above.shape[1] - 1, c : c + above.shape[2] - 1]
-               for a in (0, 1) for b in (0, 1) for c in (0, 1)]  # fmt: skip
+    corners = [above[p : p + above.shape[0] - 1, q : q + above.shape[1] - 1, r : r + above.shape[2] - 1]
+               for p in (0, 1) for q in (0, 1) for r in (0, 1)]  # fmt: skip
     every, some = corners[0].copy(), corners[0].copy()
     for corner in corners[1:]:
         every &= corner
         some |= corner
-    # the cell (between grid voxels c and c+1 per axis) that each target voxel falls in
-    cell = [np.minimum(np.floor(np.arange(n) * st).astype(np.intp), m - 2)
-            for n, st, m in zip(out_shape, step, grid.shape)]  # fmt: skip
-    a = xp.of(grid)
-    out = every.astype(np.uint8).take(xp.like(cell[0], grid), axis=0).take(xp.like(cell[1], grid), axis=1)
-    out = out.take(xp.like(cell[2], grid), axis=2)
-    # Target voxels of the cells that straddle the threshold: each cell's voxels are a box (the
-    # cell index rises monotonically along each axis), enumerated without scanning the output.
-    straddle = a.nonzero(some & ~every)
-    starts = [np.searchsorted(c, np.arange(m - 1), "left") for c, m in zip(cell, grid.shape)]
-    ends = [np.searchsorted(c, np.arange(m - 1), "right") for c, m in zip(cell, grid.shape)]
-    first = [xp.like(f, grid) for f in starts]
-    n = [xp.like(e - f, grid)[s] for f, e, s in zip(starts, ends, straddle)]
-    size = n[0] * n[1] * n[2]
-    repeats = size if a is np else size.tolist()  # CuPy repeats by a host list
-    owner = a.repeat(a.arange(len(size)), repeats)
-    local = a.arange(int(size.sum())) - a.repeat(a.cumsum(size) - size, repeats)
-    plane = (n[1] * n[2])[owner]
-    i = first[0][straddle[0]][owner] + local // plane
-    j = first[1][straddle[1]][owner] + (local % plane) // n[2][owner]
-    k = first[2][straddle[2]][owner] + local % n[2][owner]
-    coords = a.stack([i * float(step[0]), j * float(step[1]), k * float(step[2])])
-    values = xp.ndimage_of(grid).map_coordinates(grid.astype(np.float32, copy=False), coords, order=1,
-                                                 mode="nearest", prefilter=False)  # fmt: skip
-    out[i, j, k] = values > threshold
+    # Per axis: the cell (between grid voxels c and c+1) each target voxel falls in, and where in
+    # it (0..1; beyond the last grid voxel 1, as mode="nearest" clamps).
+    coord = [np.arange(n) * st for n, st in zip(out_shape, step)]
+    cell = [np.minimum(np.floor(x).astype(np.intp), m - 2) for x, m in zip(coord, grid.shape)]
+    frac = [xp.like(np.minimum(x - c, 1.0), grid) for x, c in zip(coord, cell)]
+    out = every.view(np.uint8)
+    for axis in (2, 0, 1):  # the innermost axis first, while the array is small: then whole rows copy
+        out = out.take(xp.like(cell[axis][::-1] if flip[axis] else cell[axis], grid), axis=axis)
+    # Each straddling cell's target voxels are a box (cells rise monotonically along each axis):
+    # first[axis][c] .. first[axis][c] + count[axis][c]. Cells with the same box size are done
+    # together, their boxes broadcast; the trilinear value is three lerps, one axis at a time.
+    first = [np.searchsorted(c, np.arange(m - 1), "left") for c, m in zip(cell, grid.shape)]
+    count = [np.searchsorted(c, np.arange(m - 1), "right") - f for c, f, m in zip(cell, first, grid.shape)]
+    s = a.nonzero(some & ~every)
+    sizes = [xp.like(n, grid)[s[axis]] for axis, n in enumerate(count)]
+    top = max(int(n.max()) for n in count) + 1
+    key = (sizes[0] * top + sizes[1]) * top + sizes[2]
+    for k in xp.to_host(a.unique(key)).tolist():
+        shape = (k // (top * top), k // top % top, k % top)
+        pick = a.nonzero(key == k)[0]
+        c = [s[axis][pick] for axis in range(3)]
+        index = []
+        for axis, n in enumerate(shape):
+            along = [1, 1, 1]
+            along[axis] = n
+            start = xp.like(first[axis], grid)[c[axis]]
+            index.append((start[:, None] + a.arange(n)[None]).reshape(-1, *along))
+        f = [frac[axis][index[axis]] for axis in range(3)]
+        # float64, as scipy interpolates: the fast and plain masks then differ at most where a
+        # value is within ~1e-15 of the threshold
+        v = [[[grid[c[0] + p, c[1] + q, c[2] + r].astype(np.float64).reshape(-1, 1, 1, 1) for r in (0, 1)]
+              for q in (0, 1)] for p in (0, 1)]  # fmt: skip
+        e = [[v[p][q][0] + (v[p][q][1] - v[p][q][0]) * f[2] for q in (0, 1)] for p in (0, 1)]
+        d = [e[p][0] + (e[p][1] - e[p][0]) * f[1] for p in (0, 1)]
+        at = [out_shape[axis] - 1 - index[axis] if flip[axis] else index[axis] for axis in range(3)]
+        out[at[0], at[1], at[2]] = d[0] + (d[1] - d[0]) * f[0] > threshold
     return out
 
 
@@ -525,34 +649,84 @@ def _block_mean(array: np.ndarray, step):
     a last partial block is left out (voxels at the edge of the field of view: interpolation
     clamps to the nearest whole block).
     """
-    # At most the axis' length: a 50-voxel axis at 0.006 mm going to 3 mm must not be padded to 500 voxels.
-    k = np.clip(np.floor(step).astype(int), 1, array.shape)
-    if np.all(k == 1):
+    plan = _BlockPlan(array, step)
+    if plan.identity:
         return array.astype(np.float32, copy=False), step, np.zeros(3)
-    view, order, flipped = _memory_order(array)
-    pooled = view
-    for axis in sorted(range(3), key=lambda a: abs(view.strides[a])):  # fastest first
-        kk = int(k[order[axis]])
-        if kk == 1:
-            continue
-        size = pooled.shape[axis]
-        first = size % kk if flipped[axis] else 0  # block 0 of `array` is at the end of a flipped view axis
-        stop = first + (size // kk) * kk
-        take = [slice(None)] * 3
-        take[axis] = slice(first, stop, kk)
-        acc = pooled[tuple(take)].astype(np.float32)
-        for i in range(1, kk):
-            take[axis] = slice(first + i, stop, kk)
-            acc += pooled[tuple(take)]
-        pooled = acc
-    pooled = pooled.astype(np.float32, copy=False) * np.float32(1.0 / np.prod(k))
-    # Back to the caller's axis order and directions (a view of the small pooled array).
-    for axis in range(3):
-        if flipped[axis]:
-            pooled = pooled[(slice(None),) * axis + (slice(None, None, -1),)]
-    pooled = xp.of(pooled).ascontiguousarray(pooled.transpose(np.argsort(order).tolist()))
-    # pooled voxel j is centred on source index j*k + (k-1)/2
-    return pooled, step / k, -(k - 1) / (2 * k)
+    return plan.finish([plan.blocks(0, plan.n_blocks)])
+
+
+class _BlockPlan:
+    """_block_mean of `array` in pieces: blocks along the slowest memory axis can be summed as soon
+    as their voxels are there (BlockMeanStream, while a file inflates); `finish` joins them."""
+
+    def __init__(self, array: np.ndarray, step):
+        self.step = np.asarray(step, dtype=np.float64)
+        # At most the axis' length: a 50-voxel axis at 0.006 mm going to 3 mm must not be padded to 500 voxels.
+        self.k = np.clip(np.floor(self.step).astype(int), 1, array.shape)
+        self.identity = bool(np.all(self.k == 1))
+        self.view, self.order, self.flipped = _memory_order(array)
+        self.kk = [int(self.k[self.order[axis]]) for axis in range(3)]  # per view axis
+        # block 0 of `array` is at the end of a flipped view axis: blocks start `first` voxels in
+        self.first = [n % kk if flip else 0 for n, kk, flip in zip(self.view.shape, self.kk, self.flipped)]
+        self.n_blocks = (self.view.shape[0] - self.first[0]) // self.kk[0]
+
+    def rows_for(self, blocks: int) -> int:
+        """Rows of the view's slowest axis that `blocks` whole blocks take."""
+        return self.first[0] + blocks * self.kk[0]
+
+    def blocks(self, b0: int, b1: int) -> np.ndarray:
+        """Sums (float32) of blocks b0..b1 along the slowest memory axis, in the view's axis order."""
+        pooled = self.view[self.rows_for(b0) : self.rows_for(b1)]
+        first = [0, *self.first[1:]]
+        for axis in sorted(range(3), key=lambda a: abs(self.view.strides[a])):  # fastest first
+            kk = self.kk[axis]
+            if kk == 1:
+                continue
+            stop = first[axis] + ((pooled.shape[axis] - first[axis]) // kk) * kk
+            take = [slice(None)] * 3
+            take[axis] = slice(first[axis], stop, kk)
+            acc = pooled[tuple(take)].astype(np.float32)
+            for i in range(1, kk):
+                take[axis] = slice(first[axis] + i, stop, kk)
+                acc += pooled[tuple(take)]
+            pooled = acc
+        return pooled
+
+    def finish(self, parts: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The block sums of all blocks, in order -> _block_mean's (pooled, step, offset)."""
+        pooled = parts[0] if len(parts) == 1 else xp.of(parts[0]).concatenate(parts, axis=0)
+        pooled = pooled.astype(np.float32, copy=False) * np.float32(1.0 / np.prod(self.k))
+        # Back to the caller's axis order and directions (a view of the small pooled array).
+        for axis in range(3):
+            if self.flipped[axis]:
+                pooled = pooled[(slice(None),) * axis + (slice(None, None, -1),)]
+        pooled = xp.of(pooled).ascontiguousarray(pooled.transpose(np.argsort(self.order).tolist()))
+        # pooled voxel j is centred on source index j*k + (k-1)/2
+        return pooled, self.step / self.k, -(self.k - 1) / (2 * self.k)
+
+
+class BlockMeanStream:
+    """_block_mean of an array that is being filled in memory order (a .nii.gz inflating):
+    `filled(n)` after the first n bytes of its memory are written sums the blocks those bytes
+    complete; `result()` is then _block_mean's result, the same bytes. One thread may fill the
+    array while another calls `filled` (numpy and ISA-L release the GIL)."""
+
+    def __init__(self, array: np.ndarray, step):
+        self.plan = _BlockPlan(array, step)
+        self.row_bytes = self.plan.view[0].nbytes if self.plan.view.size else 1
+        self.parts: list[np.ndarray] = []
+        self.done = 0
+
+    def filled(self, n_bytes: int) -> None:
+        blocks = min(self.plan.n_blocks, max(0, (n_bytes // self.row_bytes - self.plan.first[0]) // self.plan.kk[0]))
+        if blocks > self.done:
+            self.parts.append(self.plan.blocks(self.done, blocks))
+            self.done = blocks
+
+    def result(self):
+        if self.done != self.plan.n_blocks:
+            raise AssertionError(f"block mean of {self.done} of {self.plan.n_blocks} blocks")
+        return self.plan.finish(self.parts)
 
 
 def _memory_order(array: np.ndarray):
