@@ -63,7 +63,7 @@ class KDLoss(nn.Module):
     On a liver patch most voxels are background, so this mean is mostly a background term:
     see BalancedKDLoss."""
 
-    def __init__(self, temperature: float = 4.0):
+    def __init__(self, temperature: float = 1.0):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")

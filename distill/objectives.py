@@ -54,7 +54,8 @@ class Objective(Protocol):
 class KDSettings:
     """The `kd:` section of a pipeline config; docs/method.md section 3."""
 
-    temperature: float = 4.0
+    temperature: float = 1.0
+    """From the sweep in docs/results.md (T = 1, 2, 4, 8 on the ablation's validation; 4 before)."""
     alpha: float = 0.5
     """Weight of the KD term; (1 - alpha) weighs Dice + CE."""
     warmup: float = 0.1
