@@ -157,7 +157,7 @@ def _gz_voxels(path: Path, header, stream=None) -> tuple[np.ndarray, tuple | Non
     (ISA-L where installed, about 2x zlib) no further than the voxels end, and viewed in place
     (F order, as stored: no copy). Scaling as nibabel's ArrayProxy applies it. Read-only.
 
-    With `stream` (array -> BlockMeanStream or None, from _block_mean_stream) the file inflates in
+    With `stream` (array -> BlockMeanStream, from _block_mean_stream) the file inflates in
     pieces while a second thread stores each piece and sums the blocks it completes: the block
     mean resample needs is ready when the last piece is (returned second; else None)."""
     shape = header.get_data_shape()
@@ -178,7 +178,7 @@ def _gz_voxels(path: Path, header, stream=None) -> tuple[np.ndarray, tuple | Non
             blocks = stream(array)
             have = _inflate_into(buffer, data, blocks, offset)
             array.flags.writeable = False
-            if have >= need and blocks is not None:
+            if have >= need:
                 pooled = blocks.result()
     except (OSError, ValueError) as e:
         raise VolumeError(path, f"corrupt or truncated data ({_first_line(e)})") from None
@@ -191,14 +191,13 @@ def _gz_voxels(path: Path, header, stream=None) -> tuple[np.ndarray, tuple | Non
 
 def _inflate_into(buffer: np.ndarray, data, blocks, voxels_at: int) -> int:
     """Inflate gzip `data` into `buffer` (at most its size); a second thread stores the pieces and
-    tells `blocks` (a BlockMeanStream, or None) how far the voxels (from byte `voxels_at`) are.
+    tells `blocks` (a BlockMeanStream) how far the voxels (from byte `voxels_at`) are.
     Returns the bytes inflated."""
     from concurrent.futures import ThreadPoolExecutor
 
     def store(at: int, piece: bytes) -> None:
         buffer[at : at + len(piece)] = np.frombuffer(piece, np.uint8)
-        if blocks is not None:
-            blocks.filled(at + len(piece) - voxels_at)
+        blocks.filled(at + len(piece) - voxels_at)
 
     at = 0
     with ThreadPoolExecutor(1, thread_name_prefix="liverkd-inflate") as worker:
@@ -223,12 +222,16 @@ def _block_mean_stream(path, header, affine, max_voxels: int, grid_spacing):
         return None
     affine_mm, _ = _affine_in_mm(path, affine, header)
     check_geometry(path, shape, affine_mm, max_voxels=max_voxels, grid_spacing=grid_spacing)
+    axes = nib.orientations.io_orientation(affine_mm)[:, 0].astype(int)  # input axis -> canonical axis
+    step = np.asarray(grid_spacing, dtype=np.float64)[axes] / np.asarray(spacing_of(affine_mm))
+    if np.all(np.floor(step) <= 1):
+        return None  # no blocks to sum (a 3 mm CT): one plain inflate, no second thread
 
     def start(array: np.ndarray):
         view, canonical_affine, _ = to_canonical(array, affine_mm)
-        step = np.asarray(grid_spacing, dtype=np.float64) / np.asarray(spacing_of(canonical_affine))
-        stream = BlockMeanStream(view, step)
-        return None if stream.plan.identity else stream
+        return BlockMeanStream(
+            view, np.asarray(grid_spacing, dtype=np.float64) / np.asarray(spacing_of(canonical_affine))
+        )
 
     return start
 
