@@ -47,7 +47,7 @@ def cases(shared: Path) -> dict[str, tuple[Path, Path]]:
 def score(seg: Segmenter, image: V.Volume, ref: np.ndarray) -> dict:
     """Metrics of both ways back, from one network pass."""
     t0 = time.perf_counter()
-    prepared = prepare(image, seg.spec, input_shape=seg.roi_size)
+    prepared = prepare(image, seg.spec)
     p = segment_grid(prepared.x, seg.predictor(Clock()), seg.roi_size, overlap=seg.overlap, label=seg.liver_label)
     probability = prepared.inverse.mask(p, THRESHOLD)
     seconds = time.perf_counter() - t0

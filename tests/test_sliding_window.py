@@ -79,3 +79,28 @@ def test_blending_favours_window_centres():
 def test_bad_predictor_shape_is_refused():
     with pytest.raises(ValueError, match="predictor returned shape"):
         sliding_window_inference(np.zeros((8, 8, 8), np.float32), (8, 8, 8), lambda x: x[:, :, :4])
+
+
+@pytest.mark.parametrize("shape", [(20, 20, 20), (40, 20, 20)])  # one window; the sliding window
+def test_what_the_network_says_in_the_padding_never_wins_the_largest_component(shape):
+    """Padded voxels are no voxel of the input and training never scores them: a 'liver' the
+    network draws there must not be the component kept (it erased the real liver of both IRCAD
+    CTs when prepare() padded the grid before the largest-component step)."""
+    from liverkd.core import volume as V
+    from liverkd.core.inference import segment_volume
+    from liverkd.core.spec import PreprocessSpec
+
+    spec = PreprocessSpec(spacing=(3.0, 3.0, 3.0), input_shape=(32, 32, 32))
+    hu = np.zeros(shape, np.float32)  # water: x = 175 / 425 after the window, never 0
+    hu[8:14, 8:14, 8:14] = 200.0  # the liver: a 6^3 blob, far smaller than the padding
+    vol = V.Volume(hu, np.diag([3.0, 3.0, 3.0, 1.0]))
+
+    def predict(window):  # liver where the input is bright, and everywhere in the padding (x == 0)
+        liver = (window > 0.8) | (window == 0.0)
+        return np.concatenate([~liver, liver], axis=1).astype(np.float32) * 8.0 - 4.0
+
+    mask = segment_volume(vol, spec, predict)
+    assert mask.shape == shape
+    expected = np.zeros(shape, np.uint8)
+    expected[8:14, 8:14, 8:14] = 1
+    assert np.array_equal(mask, expected)

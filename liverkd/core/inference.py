@@ -272,6 +272,6 @@ def segment_probability(
     """segment_volume up to the cleaned liver probability on the network grid: (p, inverse).
     `inverse.mask(p, THRESHOLD)` is the mask; `inverse(p)` the probability on the input's voxels."""
     roi = tuple(roi_size or spec.input_shape)
-    prepared = prepare(vol, spec, input_shape=roi, clock=clock)
+    prepared = prepare(vol, spec, clock=clock)
     p = segment_grid(prepared.x, predict, roi, overlap=overlap, label=label, clock=clock)
     return p, prepared.inverse

@@ -3,9 +3,15 @@
 Training (liverkd.distill), calibration, export parity and inference (the Segmenter) all call
 `prepare`, so what the network sees at training time is exactly what it sees in the room:
 
-    prepared = prepare(volume, spec)       # reorient, resample, HU window, pad to the input shape
+    prepared = prepare(volume, spec)       # reorient, resample, HU window
     p = segment_grid(prepared.x, predict)  # liverkd.core.inference: liver probability on that grid
-    p_input = prepared.inverse(p)          # un-pad, resample back, original orientation
+    p_input = prepared.inverse(p)          # resample back, original orientation
+
+`prepare` does not pad: segment_grid pads a grid smaller than the network input itself and drops
+the padding before it keeps the largest component. Padded voxels are no voxel of the input, and
+training never scores them (distill.data labels them IGNORE), so what the network says there is
+unconstrained: a padded grid let a hallucinated 'liver' in the padding win the largest-component
+step and erase the real one (both IRCAD CTs, a 3000-step student-30k: empty masks).
 
 Training pairs use the same two first steps (`to_spec_grid`, `normalize`) via `prepare_pair`.
 """
@@ -73,47 +79,39 @@ def from_spec_grid(grid: np.ndarray, geometry: Geometry, *, label: bool = True, 
 
 @dataclass(frozen=True)
 class Inverse:
-    """The complete way back from the network's input grid to the input's voxels:
-    undo the padding, resample to the input spacing, turn back to the input's axis order."""
+    """The complete way back from the spec grid to the input's voxels: resample to the input
+    spacing, turn back to the input's axis order."""
 
     geometry: Geometry
-    pad: V.CropPad
 
     def __call__(self, array: np.ndarray, *, label: bool = False) -> np.ndarray:
         """A (X, Y, Z) array on the network grid -> the input's grid. `label` picks nearest
         neighbour (masks); otherwise linear (probabilities)."""
-        return from_spec_grid(V.uncrop_pad(array, self.pad), self.geometry, label=label)
+        return from_spec_grid(array, self.geometry, label=label)
 
     def mask(self, probability: np.ndarray, threshold: float) -> np.ndarray:
         """A probability on the network grid -> uint8 mask on the input's grid: resampled
         linearly, thresholded at native resolution, then turned back to the input's axes."""
-        grid = V.uncrop_pad(probability, self.pad, fill=0.0)
-        return from_spec_grid(grid, self.geometry, label=False, threshold=threshold)
+        return from_spec_grid(probability, self.geometry, label=False, threshold=threshold)
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """A volume ready for the network: x is float32 (X, Y, Z), at least the spec's input shape
-    on every axis (padded with normalised air), and `inverse` maps arrays on x's grid back."""
+    """A volume ready for the network: x is float32 (X, Y, Z) on the spec grid, unpadded (the
+    network input's shape is segment_grid's business), and `inverse` maps arrays on x's grid back."""
 
     x: np.ndarray
     inverse: Inverse
 
 
-def prepare(vol: V.Volume, spec: PreprocessSpec, *, input_shape=None, clock=None) -> Prepared:
-    """Volume -> network input + its inverse. The grid is padded up to `input_shape` (default:
-    the spec's) on axes where it is smaller; `clock` (a liverkd.core.timing.Clock) times the steps."""
+def prepare(vol: V.Volume, spec: PreprocessSpec, *, clock=None) -> Prepared:
+    """Volume -> normalised spec grid + its inverse; `clock` (a liverkd.core.timing.Clock) times the steps."""
     clock = clock or NoClock()
     with clock.stage("reorient_resample"):
         grid, geometry = to_spec_grid(vol, spec)
     with clock.stage("normalize"):
         x = normalize(grid, spec)
-        del grid
-        padded = tuple(max(n, r) for n, r in zip(x.shape, input_shape or spec.input_shape))
-        pad = V.plan_crop_pad(x.shape, padded)
-        if padded != x.shape:
-            x = V.crop_pad(x, pad, fill=0.0)  # 0.0 = air after the HU window
-    return Prepared(x, Inverse(geometry, pad))
+    return Prepared(x, Inverse(geometry))
 
 
 def prepare_pair(image: V.Volume, label: V.Volume, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
