@@ -5,7 +5,7 @@ STAGES is the one list of stage names, in pipeline order: the Segmenter, `infer 
 
 - read: file -> validated Volume (and the input checks)
 - reorient_resample: canonical RAS + resample to the spec spacing
-- normalize: HU window, pad to the engine input
+- normalize: HU window
 - h2d / network / d2h: the Runner's own split, summed over windows
 - postprocess: sliding-window blending, probabilities, largest component, hole filling
 - resample_back: liver probability back to the input's voxels, threshold, original orientation
