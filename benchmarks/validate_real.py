@@ -30,9 +30,8 @@ from _results import replace_block
 from liverkd import models
 from liverkd.core import volume as V
 from liverkd.core.datasets import real_validation_cases
-from liverkd.core.inference import THRESHOLD, segment_grid
+from liverkd.core.inference import THRESHOLD, segment_probability
 from liverkd.core.metrics import evaluate_masks
-from liverkd.core.preprocess import prepare
 from liverkd.core.timing import Clock
 from liverkd.deploy.segment import Segmenter
 
@@ -47,11 +46,12 @@ def cases(shared: Path) -> dict[str, tuple[Path, Path]]:
 def score(seg: Segmenter, image: V.Volume, ref: np.ndarray) -> dict:
     """Metrics of both ways back, from one network pass."""
     t0 = time.perf_counter()
-    prepared = prepare(image, seg.spec)
-    p = segment_grid(prepared.x, seg.predictor(Clock()), seg.roi_size, overlap=seg.overlap, label=seg.liver_label)
-    probability = prepared.inverse.mask(p, THRESHOLD)
+    p, inverse = segment_probability(
+        image, seg.spec, seg.predictor(Clock()), roi_size=seg.roi_size, overlap=seg.overlap, label=seg.liver_label
+    )
+    probability = inverse.mask(p, THRESHOLD)
     seconds = time.perf_counter() - t0
-    nearest = prepared.inverse((p > THRESHOLD).view(np.uint8), label=True)
+    nearest = inverse((p > THRESHOLD).view(np.uint8), label=True)
     return {
         "mask": probability,
         "seconds": seconds,
