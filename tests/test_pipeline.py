@@ -168,3 +168,26 @@ def test_packaged_config_by_name_with_overrides_runs_here(liverkd_cmd, tmp_path)
     assert not any(w in proc.stderr for w in ("synthetic CT", "preprocess", "teacher", "step"))  # --quiet
     heldout = json.loads((tmp_path / "runs" / "quick" / "heldout.json").read_text())
     assert heldout["student"]["preset"] == "student-30k"
+
+
+def test_the_table_warns_when_the_teacher_is_not_better_on_the_real_cts():
+    from liverkd.distill.pipeline import METHODS, markdown_table, summarize, teacher_check
+
+    def run(seed, dice, real):
+        return {"seed": seed, "seconds": 1.0, "params": 27_133, "val_dice": dice, "dice": dice, "hd95": 5.0,
+                "real_dice": real, "real_hd95": 9.0}  # fmt: skip
+
+    rows = [summarize("student-30k", m, [run(0, 0.80, 0.70), run(1, 0.82, 0.72)]) for m in METHODS]
+    teacher = {"params": 1, "seconds": 1.0, "val_dice": 0.90, "dice": 0.90, "hd95": 4.0, "real_dice": 0.65,
+               "real_hd95": 8.0}  # fmt: skip
+    check = teacher_check(teacher, rows)
+    assert check["teacher_better_on_validation"] and not check["teacher_better_on_real"]
+    assert check["student-30k"]["real_dice"] == pytest.approx(0.65 - 0.71)
+    table = {"seeds": 2, "test_cases": ["a"], "real_cases": ["r"], "teacher": teacher, "teacher_check": check,
+             "rows": rows}  # fmt: skip
+    md = markdown_table(table)
+    assert "not better than every no-KD student on the real CTs** (teacher minus no KD: student-30k -0.060)" in md
+    assert "on validation**" not in md
+    teacher["real_dice"] = 0.75
+    table["teacher_check"] = teacher_check(teacher, rows)
+    assert "WARNING" not in markdown_table(table)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from liverkd import configs
 from liverkd.cli.app import QUIET, app
 
 distill_app = typer.Typer(
@@ -16,7 +17,7 @@ app.add_typer(distill_app, name="distill")
 CONFIG = typer.Argument(
     ...,
     metavar="CONFIG",
-    help="A config file, or a packaged config's name: quick, default, default-100k, paper-100k, paper-30k. "
+    help=f"A config file, or a packaged config's name: {', '.join(configs.names())}. "
     "Relative paths inside it (run_dir, data) are relative to the current directory.",
 )
 RESUME = typer.Option(False, "--resume", help="Continue stages that were interrupted (their .partial.pt checkpoints).")
