@@ -213,6 +213,8 @@ def check(cfg: Config) -> None:
         raise ValueError("'data.test' must be >= 1: the held-out cases the student's Dice is reported on")
     if not 0 <= cfg.foreground <= 1:
         raise ValueError(f"'foreground' must be in [0, 1], got {cfg.foreground}")
+    if not 0 <= cfg.augment.p <= 1:
+        raise ValueError(f"'augment.p' must be in [0, 1], got {cfg.augment.p}")
     steps = cfg.train.steps
     if min(steps.teacher, steps.student, cfg.train.batch_size, cfg.train.val_every) < 1:
         raise ValueError("train steps, batch_size and val_every must be >= 1")

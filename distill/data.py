@@ -30,6 +30,13 @@ class Augment:
     scale: float = 0.1
     intensity: float = 0.1
     noise: float = 0.02
+    p: float = 0.15
+    """Probability that a patch gets the intensity change, and (drawn separately) the noise:
+    nnU-Net's per-sample probability for its brightness transforms (Isensee et al. 2021).
+    Inference inputs get neither; with p = 1 the network never sees an input like them, and the
+    exactly flat air of a clipped CT window (x = 0) is out of its training distribution
+    (docs/method.md section 2 has the failure this caused). p = 1 draws no coin, so the configs
+    that set it give the patches they gave before the key existed."""
 
 
 @dataclass
@@ -146,8 +153,10 @@ class PatchDataset(torch.utils.data.Dataset):
             matrix = rotation(angles) * rng.uniform(1 - aug.scale, 1 + aug.scale)
         x, y = extract_patch(vol.image, vol.label, center, self.patch, matrix)
         if aug is not None:
-            x = x * (1 + rng.uniform(-aug.intensity, aug.intensity)) + rng.uniform(-aug.intensity, aug.intensity)
-            x = x + rng.normal(0, aug.noise, x.shape).astype(np.float32) if aug.noise > 0 else x
+            if aug.p >= 1 or rng.random() < aug.p:
+                x = x * (1 + rng.uniform(-aug.intensity, aug.intensity)) + rng.uniform(-aug.intensity, aug.intensity)
+            if aug.noise > 0 and (aug.p >= 1 or rng.random() < aug.p):
+                x = x + rng.normal(0, aug.noise, x.shape).astype(np.float32)
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None], torch.from_numpy(y)
 
 

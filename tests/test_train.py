@@ -109,6 +109,23 @@ def test_unaugmented_patch_is_an_exact_crop_no_flip(volumes):
     np.testing.assert_allclose(x, v.image[8:32], atol=1e-6)  # moved along +x, never mirrored
 
 
+def test_intensity_augmentation_leaves_some_patches_as_inference_sees_them(volumes):
+    """augment.p: with p = 0.15 most patches keep the plain intensities a scan has at inference
+    (p = 1 gave every patch noise, and a network that never saw flat air called it liver);
+    p = 0 is plain intensities only, p = 1 never a plain one."""
+    vols, _ = volumes
+    spatial = dict(rotate_deg=10.0, scale=0.1, intensity=0.0, noise=0.0)
+    plain = PatchDataset(vols, (8, 8, 8), augment=Augment(**spatial, p=1.0), seed=4)
+
+    def share_plain(p):
+        ds = PatchDataset(vols, (8, 8, 8), augment=Augment(**{**spatial, "intensity": 0.1, "noise": 0.02}, p=p), seed=4)
+        same = [torch.equal(ds[i][0], plain[i][0]) and torch.equal(ds[i][1], plain[i][1]) for i in range(200)]
+        return np.mean(same)
+
+    assert share_plain(0.0) == 1.0 and share_plain(1.0) == 0.0
+    assert 0.6 < share_plain(0.15) < 0.85  # both coins tails: 0.85^2 = 0.72
+
+
 def test_patch_voxels_outside_the_volume_are_ignored(volumes):
     v = volumes[0][0]
     x, y = extract_patch(v.image, v.label, (0, 0, 0), (16, 16, 16), np.eye(3))  # centred on a corner
