@@ -153,9 +153,10 @@ class PatchDataset(torch.utils.data.Dataset):
             matrix = rotation(angles) * rng.uniform(1 - aug.scale, 1 + aug.scale)
         x, y = extract_patch(vol.image, vol.label, center, self.patch, matrix)
         if aug is not None:
-            if aug.p >= 1 or rng.random() < aug.p:
+            applies = lambda: aug.p >= 1 or rng.random() < aug.p  # noqa: E731  (p = 1 draws no coin)
+            if applies():
                 x = x * (1 + rng.uniform(-aug.intensity, aug.intensity)) + rng.uniform(-aug.intensity, aug.intensity)
-            if aug.noise > 0 and (aug.p >= 1 or rng.random() < aug.p):
+            if aug.noise > 0 and applies():
                 x = x + rng.normal(0, aug.noise, x.shape).astype(np.float32)
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None], torch.from_numpy(y)
 
