@@ -20,6 +20,8 @@ REMOVED = {
     "train.patience), as Mirzadeh et al. train theirs; delete the key",
 }
 """Keys that are gone -> why: an old config gets a one-line error saying so."""
+WAS_BOOL = {"kd.balance": "true is now 'teacher' (the old grouping) or 'labels', false is 'none'"}
+"""Keys that were true/false and now name a choice: an old config's boolean gets a one-line error saying how."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,8 @@ def _build(cls, value, where: str):
             raise ValueError(f"'{name}' is gone: {REMOVED[name]}")
         if key not in names:
             raise ValueError(f"unknown key '{name}'")
+        if name in WAS_BOOL and isinstance(value[key], bool):
+            raise ValueError(f"'{name}' names a choice now: {WAS_BOOL[name]}")
     kwargs = {k: _convert(hints[k], v, f"{where + '.' if where else ''}{k}") for k, v in value.items()}
     try:
         return cls(**kwargs)

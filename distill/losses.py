@@ -76,20 +76,35 @@ class KDLoss(nn.Module):
 
 class BalancedKDLoss(KDLoss):
     """Class-balanced KD: the per-voxel T^2 KL of KDLoss, averaged separately over the voxels of
-    each class the TEACHER predicts (argmax), then the mean over the classes present in the batch.
+    each class, then the mean over the classes present in the batch.
 
-    Every voxel is weighted by 1 / (classes present x voxels of its teacher class): inverse class
-    frequency, the weighting U-Net's loss uses to balance class frequencies (Ronneberger et al.
-    2015, the w_c term of its weight map). Applying it to the per-voxel KD term, with the classes
-    taken from the teacher's argmax (so the term still depends only on the teacher), is our
-    choice; docs/method.md section 3 says why: the plain mean over ~88 % background voxels
-    pulled every voxel to background and emptied the 100k student's mask in 2 of 3 seeds."""
+    Every voxel is weighted by 1 / (classes present x voxels of its class): inverse class
+    frequency, the w_c term of U-Net's weight map (Ronneberger et al. 2015), which counts the
+    classes in the ground truth. `by` says where a voxel's class comes from: "labels" (the
+    ground truth, as U-Net's w_c) or "teacher" (the teacher's argmax, so the term depends on the
+    teacher alone). docs/method.md section 3 says why the balance (the plain mean over ~88 %
+    background voxels emptied the 100k student's mask in 2 of 3 seeds) and why labels: grouped
+    by the teacher, a batch where the teacher calls only a few voxels liver gives those few
+    voxels, right or wrong, half the term."""
+
+    GROUPINGS = ("labels", "teacher")
+
+    def __init__(self, temperature: float = 1.0, by: str = "teacher"):
+        super().__init__(temperature)
+        if by not in self.GROUPINGS:
+            raise ValueError(f"by must be one of {', '.join(self.GROUPINGS)}, got {by!r}")
+        self.by = by
 
     def forward(self, student_logits, teacher_logits, labels=None) -> torch.Tensor:
         kl = soft_kl(student_logits, teacher_logits, self.temperature)
-        keep = torch.ones_like(kl, dtype=torch.bool) if labels is None else counted(labels)
-        teacher_class = teacher_logits.detach().argmax(dim=1)
-        groups = [keep & (teacher_class == c) for c in range(teacher_logits.shape[1])]
+        if self.by == "labels":
+            if labels is None:
+                raise ValueError("BalancedKDLoss(by='labels') needs the labels")
+            keep, classes = counted(labels), labels
+        else:
+            keep = torch.ones_like(kl, dtype=torch.bool) if labels is None else counted(labels)
+            classes = teacher_logits.detach().argmax(dim=1)
+        groups = [keep & (classes == c) for c in range(teacher_logits.shape[1])]
         return torch.stack([kl[g].mean() for g in groups if g.any()]).mean()
 
 

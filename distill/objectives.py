@@ -60,8 +60,9 @@ class KDSettings:
     """Weight of the KD term; (1 - alpha) weighs Dice + CE."""
     warmup: float = 0.1
     """Fraction of a stage's steps over which alpha rises linearly from 0 to `alpha`."""
-    balance: bool = True
-    """Class-balanced KD (BalancedKDLoss); false: Hinton's mean over all voxels (KDLoss)."""
+    balance: str = "teacher"
+    """Class-balanced KD (BalancedKDLoss) with the classes from the "labels" or the "teacher"'s
+    argmax; "none": Hinton's mean over all voxels (KDLoss)."""
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -70,13 +71,17 @@ class KDSettings:
             raise ValueError(f"'kd.alpha' must be in [0, 1], got {self.alpha}")
         if not 0 <= self.warmup <= 1:
             raise ValueError(f"'kd.warmup' must be in [0, 1], got {self.warmup}")
+        if self.balance not in (*BalancedKDLoss.GROUPINGS, "none"):
+            raise ValueError(f"'kd.balance' must be labels, teacher or none, got {self.balance!r}")
 
     def alpha_at(self, step: int, steps: int) -> float:
         ramp = self.warmup * steps
         return self.alpha if step >= ramp else self.alpha * step / ramp
 
     def loss(self) -> DistillLoss:
-        return DistillLoss((BalancedKDLoss if self.balance else KDLoss)(self.temperature))
+        if self.balance == "none":
+            return DistillLoss(KDLoss(self.temperature))
+        return DistillLoss(BalancedKDLoss(self.temperature, by=self.balance))
 
 
 class Supervised:

@@ -28,6 +28,21 @@ def test_kd_is_t_squared_times_the_softened_kl():
         assert BalancedKDLoss(temp)(s, t).item() == pytest.approx(temp**2 * balanced.item(), rel=1e-5)
 
 
+def test_balanced_kd_by_labels_groups_the_voxels_by_their_labels_not_the_teachers_argmax():
+    """Grouped by the labels, a teacher's false positives stay in the background group, which
+    they barely move; grouped by the teacher's argmax, they alone make half the term."""
+    s, t = logits(0), logits(1)
+    y = torch.zeros(t.shape[0], *t.shape[2:], dtype=torch.long)
+    y[..., :2] = 1
+    p_t = F.softmax(t, 1)
+    kl = (p_t * (p_t.log() - F.log_softmax(s, 1))).sum(1)
+    by_labels = (kl[y == 1].mean() + kl[y == 0].mean()) / 2
+    assert BalancedKDLoss(by="labels")(s, t, y).item() == pytest.approx(by_labels.item(), rel=1e-5)
+    assert BalancedKDLoss(by="labels")(s, t, y).item() != pytest.approx(BalancedKDLoss(by="teacher")(s, t, y).item(), rel=1e-3)
+    with pytest.raises(ValueError, match="labels"):
+        BalancedKDLoss(by="labels")(s, t)
+
+
 def test_balanced_kd_is_plain_kd_when_the_teacher_sees_one_class():
     s, t = logits(0), logits(1).abs() * torch.tensor([1.0, -1.0]).view(1, 2, 1, 1, 1)  # background everywhere
     assert BalancedKDLoss()(s, t).item() == pytest.approx(KDLoss()(s, t).item(), rel=1e-6)
@@ -80,6 +95,8 @@ def test_voxels_outside_the_volume_count_in_no_loss():
     for kd in (KDLoss(), BalancedKDLoss()):
         assert kd(s_pad, t_pad, y_pad).item() == pytest.approx(kd(s, t).item(), rel=1e-5)
         assert kd(s_pad, t_pad).item() != pytest.approx(kd(s, t).item(), rel=1e-3)
+    by_labels = BalancedKDLoss(by="labels")
+    assert by_labels(s_pad, t_pad, y_pad).item() == pytest.approx(by_labels(s, t, y).item(), rel=1e-5)
 
 
 def test_dice_ce_is_small_for_a_confident_correct_prediction():
@@ -106,6 +123,9 @@ def test_alpha_warms_up_from_zero():
     assert [kd.alpha_at(s, 100) for s in (0, 5, 10, 50)] == [0.0, 0.25, 0.5, 0.5]
     assert KDSettings(alpha=0.5, warmup=0.0).alpha_at(0, 100) == 0.5
     assert isinstance(KDSettings().loss().kd, BalancedKDLoss)
-    assert type(KDSettings(balance=False).loss().kd) is KDLoss
+    assert KDSettings(balance="labels").loss().kd.by == "labels"
+    assert type(KDSettings(balance="none").loss().kd) is KDLoss
+    with pytest.raises(ValueError, match="kd.balance"):
+        KDSettings(balance="yes")
     with pytest.raises(ValueError, match="kd.alpha"):
         KDSettings(alpha=1.5)

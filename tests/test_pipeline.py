@@ -114,6 +114,8 @@ def test_ablation_writes_a_table(tmp_path, liverkd_cmd):
         ({"train": {"steps": {"teacher": 2, "assistant": 2}}}, "'train.steps.assistant' is gone: TAKD's assistant"),
         ({"train": {"patience": -1}}, "'train.patience' must be >= 0"),
         ({"gtan": {"assistant_every": 0}}, "assistant_every >= 1"),
+        ({"kd": {"balance": True}}, "'kd.balance' names a choice now: true is now 'teacher'"),
+        ({"kd": {"balance": "label"}}, "'kd.balance' must be labels, teacher or none"),
     ],
 )
 def test_bad_configs_name_the_problem(tmp_path, change, message, liverkd_cmd):
