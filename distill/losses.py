@@ -83,7 +83,7 @@ class BalancedKDLoss(KDLoss):
     classes in the ground truth. `by` says where a voxel's class comes from: "labels" (the
     ground truth, as U-Net's w_c) or "teacher" (the teacher's argmax, so the term depends on the
     teacher alone). docs/method.md section 3 says why the balance (the plain mean over ~88 %
-    background voxels emptied the 100k student's mask in 2 of 3 seeds) and why labels: grouped
+    background voxels emptied the 100k student's mask in 2 of 3 seeds) and what labels change: grouped
     by the teacher, a batch where the teacher calls only a few voxels liver gives those few
     voxels, right or wrong, half the term."""
 
@@ -97,13 +97,10 @@ class BalancedKDLoss(KDLoss):
 
     def forward(self, student_logits, teacher_logits, labels=None) -> torch.Tensor:
         kl = soft_kl(student_logits, teacher_logits, self.temperature)
-        if self.by == "labels":
-            if labels is None:
-                raise ValueError("BalancedKDLoss(by='labels') needs the labels")
-            keep, classes = counted(labels), labels
-        else:
-            keep = torch.ones_like(kl, dtype=torch.bool) if labels is None else counted(labels)
-            classes = teacher_logits.detach().argmax(dim=1)
+        if self.by == "labels" and labels is None:
+            raise ValueError("BalancedKDLoss(by='labels') needs the labels")
+        keep = torch.ones_like(kl, dtype=torch.bool) if labels is None else counted(labels)
+        classes = labels if self.by == "labels" else teacher_logits.detach().argmax(dim=1)
         groups = [keep & (classes == c) for c in range(teacher_logits.shape[1])]
         return torch.stack([kl[g].mean() for g in groups if g.any()]).mean()
 
