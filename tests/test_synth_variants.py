@@ -53,6 +53,19 @@ def test_left_lobe_stays_inside_the_body_and_none_is_a_no_op():
     assert np.array_equal(untouched, tissue)
 
 
+def test_left_lobe_drapes_over_the_stomach_and_bowel_and_never_enters_them():
+    """Version 2 let the lobe claim stomach voxels: the label then called stomach liver."""
+    tissue, body = _abdomen()
+    tissue[8:18, 11:19, 10:20] = ID["stomach"]  # in the lobe's way, beside the liver's tip
+    tissue[12:16, 19:22, 10:20] = ID["bowel"]
+    before = tissue.copy()
+    grown = grow_left_lobe(tissue, body, LeftLobe(length_mm=60.0, part=0.2, drift=(0.0, 0.0)), SPACING)
+    assert grown.any() and (before[grown] == ID["fat"]).all()
+    assert (tissue[before == ID["stomach"]] == ID["stomach"]).all()
+    assert (tissue[before == ID["bowel"]] == ID["bowel"]).all()
+    assert grown[:8].any()  # it goes on beyond the stomach, around it
+
+
 def test_masses_sit_outside_the_liver_at_its_density():
     tissue, body = _abdomen()
     hu = np.where(tissue == LIVER, 60.0, -100.0).astype(np.float32)
@@ -84,7 +97,7 @@ def test_variant_draws_are_seeded_and_recorded():
     assert np.mean([len(v.masses) > 0 for v in kinds]) > 0.3
     _, _, info = synth(3, (32, 32, 32), variants=True)
     assert {"left_lobe_mm", "masses", "stomach_food"} <= set(info)
-    assert SYNTH_VERSION >= 2
+    assert SYNTH_VERSION >= 3
 
 
 def test_without_variants_a_case_is_what_it_was_and_with_them_it_differs():

@@ -26,10 +26,13 @@ FOOD_PROBABILITY = 0.3
 MASS_COUNTS = (0, 0, 0, 1, 1, 2, 3)
 
 _LUT = np.zeros(N_IDS, bool)
-_LUT[[0, ID["viscera"], ID["fat"], ID["stomach"], ID["bowel"]]] = True
+_LUT[[0, ID["viscera"], ID["fat"]]] = True
 LOBE_CAN_REPLACE = _LUT
-"""A lobe grows through fat, unlabelled space and hollow viscera, never through spleen, wall,
-heart, lung or bone: where it meets one of them it stops (it drapes, it does not pierce)."""
+"""A lobe grows through fat and unlabelled space only: where it meets the stomach, bowel, spleen,
+wall, heart, lung or bone it stops, so it lies over the stomach's anterior surface and never in
+it (it drapes, it does not pierce). Synthesis version 2 let it claim stomach and bowel voxels:
+those cases then called stomach liver in the label, the very error the variant was drawn to cure
+(docs/results.md, "Synthesis variants")."""
 
 _LUT = np.zeros(N_IDS, bool)
 _LUT[[0, ID["viscera"], ID["fat"], ID["stomach"], ID["bowel"], ID["kidney"], ID["cyst"], ID["gland"],
