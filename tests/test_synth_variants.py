@@ -80,6 +80,40 @@ def test_masses_sit_outside_the_liver_at_its_density():
     assert np.median(hu[np.abs(hu - before) > 80]) > 30  # fat turned liver-like, not something else
 
 
+def test_a_mass_touching_the_liver_is_parted_from_it_by_its_border():
+    """Up to version 3 the contact face had no border: the mass's sphere surface lay inside the
+    (unpainted) liver, so at the liver's density nothing marked where the label changed."""
+    from scipy import ndimage
+
+    tissue, body = _abdomen()
+    liver = tissue == LIVER
+    painted = {}
+    for rim, rim_hu in (("none", 0.0), ("fat", -90.0)):
+        hu = np.where(liver, 60.0, -100.0).astype(np.float32)
+        mass = Mass(radius_mm=24.0, axes=(1.0, 1.0, 1.0), adjacent=True, hu_offset=0.0, texture_hu=0.0,
+                    rim=rim, rim_hu=rim_hu)  # fmt: skip
+        paint_masses(hu, tissue, body, Variants(masses=[mass]), 60.0, grid_axes(hu.shape, SPACING), SPACING,
+                     np.random.default_rng(0))  # fmt: skip
+        painted[rim] = hu
+    mass_voxels = painted["none"] > 0  # outside the liver only the mass is near the liver's density
+    contact = mass_voxels & ~liver & ndimage.binary_dilation(liver)
+    assert contact.sum() > 5
+    assert np.median(painted["none"][contact]) > 50  # without a border the contact is invisible
+    assert np.median(painted["fat"][contact]) < 60.0 - 50  # with one, the face it turns to the liver is fat
+
+
+def test_masses_touching_the_liver_always_have_a_border_that_shows():
+    masses = [m for s in range(300) for m in draw_variants(rngs(s)["variants"]).masses]
+    touching = [m for m in masses if m.adjacent]
+    assert len(touching) > 50 and all(m.rim in ("fat", "enhancing") for m in touching)
+    assert any(m.rim == "none" for m in masses if not m.adjacent)  # elsewhere the shape tells them apart
+    liver_hu = 60.0
+    for m in (m for m in masses if m.rim == "enhancing"):
+        m_hu = liver_hu + m.hu_offset
+        rim = liver_hu + max(m.hu_offset, 0.0) + m.rim_hu
+        assert rim >= max(liver_hu, m_hu) + 15  # brighter than the liver and the mass alike
+
+
 def test_food_fills_the_stomach_near_the_liver_hu():
     tissue = np.full((8, 8, 8), ID["fat"], np.uint8)
     tissue[2:6, 2:6, 2:6] = ID["stomach"]
@@ -97,7 +131,7 @@ def test_variant_draws_are_seeded_and_recorded():
     assert np.mean([len(v.masses) > 0 for v in kinds]) > 0.3
     _, _, info = synth(3, (32, 32, 32), variants=True)
     assert {"left_lobe_mm", "masses", "stomach_food"} <= set(info)
-    assert SYNTH_VERSION >= 3
+    assert SYNTH_VERSION >= 4
 
 
 def test_without_variants_a_case_is_what_it_was_and_with_them_it_differs():

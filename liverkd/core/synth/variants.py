@@ -24,6 +24,15 @@ from liverkd.core.synth.tissues import ID, LIVER, N_IDS
 LOBE_PROBABILITY = 0.3
 FOOD_PROBABILITY = 0.3
 MASS_COUNTS = (0, 0, 0, 1, 1, 2, 3)
+APART_BORDERS = {"none": 0.4, "fat": 0.4, "enhancing": 0.2}
+ADJACENT_BORDERS = {"fat": 2 / 3, "enhancing": 1 / 3}
+"""A mass touching the liver is always told from it by a border, a fat plane or an enhancing
+rim that is painted where the two meet (paint_masses). Up to synthesis version 3 a third of
+them had none and the rims were never painted on the contact face, so at the liver's density
+nothing in the image said where the liver ended and the label did: a boundary the network
+cannot see, which teaches it to doubt the liver's edge everywhere (the variant-trained models
+under-segmented the synthetic held-out livers, docs/results.md). Elsewhere in the abdomen the
+shape alone tells a mass from the liver, so there a border may be absent."""
 
 _LUT = np.zeros(N_IDS, bool)
 _LUT[[0, ID["viscera"], ID["fat"]]] = True
@@ -81,18 +90,21 @@ def _describe(m: Mass) -> str:
 def draw_variants(rng: np.random.Generator) -> Variants:
     """Left lobe in 30 % of cases (10-25 % of the liver stretched 30-100 mm beyond the tip);
     0-3 masses of 3-10 cm, 60 % touching the liver, within 35 HU of it; food in 30 % of
-    stomachs, within 30 HU of the liver."""
+    stomachs, within 30 HU of the liver. A mass that touches the liver always has a border
+    (ADJACENT_BORDERS); one elsewhere may have none."""
     u = rng.uniform
     lobe = None
     if u() < LOBE_PROBABILITY:
         lobe = LeftLobe(u(30, 100), u(0.1, 0.25), (u(0.0, 0.5), u(0.0, 0.4)))
     masses = []
     for _ in range(int(rng.choice(MASS_COUNTS))):
-        rim = str(rng.choice(["none", "fat", "enhancing"], p=[0.4, 0.4, 0.2]))
+        adjacent = bool(u() < 0.6)
+        borders = ADJACENT_BORDERS if adjacent else APART_BORDERS
+        rim = str(rng.choice(list(borders), p=list(borders.values())))
         masses.append(Mass(
             radius_mm=float(np.exp(u(np.log(15), np.log(50)))),
             axes=tuple(float(a) for a in u(0.7, 1.3, 3)),
-            adjacent=bool(u() < 0.6),
+            adjacent=adjacent,
             hu_offset=u(-35, 35),
             texture_hu=u(0, 20),
             rim=rim,
@@ -154,7 +166,10 @@ def fill_stomach(hu: np.ndarray, tissue: np.ndarray, liver_hu: float, variants: 
 
 
 def paint_masses(hu, tissue, body, variants: Variants, liver_hu: float, axes, spacing, rng) -> None:
-    """Ellipsoid masses at about the liver's HU outside it (in place; the label is not touched)."""
+    """Ellipsoid masses at about the liver's HU outside it (in place; the label is not touched).
+    A border is painted on the mass's surface and, where it touches the liver, on the contact
+    face: the mass is clipped by the liver, so its ellipsoid surface there lies inside the
+    liver and would leave the contact unmarked."""
     if not variants.masses:
         return
     liver = tissue == LIVER
@@ -163,6 +178,7 @@ def paint_masses(hu, tissue, body, variants: Variants, liver_hu: float, axes, sp
     spacing = np.asarray(spacing, float)
     outside = ndimage.distance_transform_edt(~liver, sampling=spacing).astype(np.float32)
     allowed = MASS_CAN_REPLACE[tissue] & (body > 0.5)
+    step = float(spacing.max())  # the first voxels outside the liver lie about one voxel from it
     for mass in variants.masses:
         r = mass.radius_mm
         near = (outside >= 0.5 * r) & (outside <= 1.1 * r) if mass.adjacent else (outside > r) & (outside < 120)
@@ -183,6 +199,14 @@ def paint_masses(hu, tissue, body, variants: Variants, liver_hu: float, axes, sp
         region = hu[box]
         region += (np.float32(liver_hu + mass.hu_offset) + texture - region) * weight
         if mass.rim != "none":
-            shell = np.exp(-(((d - 1) * r / 2.5) ** 2)).astype(np.float32) * keep
-            target = mass.rim_hu if mass.rim == "fat" else liver_hu + mass.hu_offset + mass.rim_hu
-            region += (np.float32(target) - region) * 0.8 * shell
+            shell = np.exp(-(((d - 1) * r / 2.5) ** 2))
+            contact = np.exp(-((np.maximum(outside[box] - step, 0) / 2.5) ** 2)) * (weight > 0.05)
+            shell = np.maximum(shell, contact).astype(np.float32) * keep
+            region += (np.float32(_border_hu(mass, liver_hu)) - region) * 0.8 * shell
+
+
+def _border_hu(mass: Mass, liver_hu: float) -> float:
+    """A fat plane at its own HU; an enhancing rim 15-50 HU above the liver and the mass alike."""
+    if mass.rim == "fat":
+        return mass.rim_hu
+    return liver_hu + max(mass.hu_offset, 0.0) + mass.rim_hu
