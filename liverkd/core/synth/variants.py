@@ -27,7 +27,7 @@ MASS_COUNTS = (0, 0, 0, 1, 1, 2, 3)
 APART_BORDERS = {"none": 0.4, "fat": 0.4, "enhancing": 0.2}
 ADJACENT_BORDERS = {"fat": 2 / 3, "enhancing": 1 / 3}
 """A mass touching the liver is always told from it by a border, a fat plane or an enhancing
-rim that is painted where the two meet (paint_masses). Up to synthesis version 3 a third of
+rim that is painted where the two meet (paint_masses). Up to synthesis version 3, 40 % of
 them had none and the rims were never painted on the contact face, so at the liver's density
 nothing in the image said where the liver ended and the label did: a boundary the network
 cannot see, which teaches it to doubt the liver's edge everywhere (the variant-trained models
