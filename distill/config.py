@@ -96,6 +96,9 @@ class Train:
     patience: int = 0
     """Validations without a better Dice after which the teacher (and TAKD's assistant) stop early,
     their best weights kept; 0: they train all their steps. Students always train all theirs."""
+    average: float = 0.0
+    """Decay of an exponential moving average of the weights (distill/average.py): validation
+    measures it and the checkpoint keeps it, at every stage; 0: the raw weights."""
 
 
 @dataclass(frozen=True)
@@ -222,6 +225,8 @@ def check(cfg: Config) -> None:
     steps = cfg.train.steps
     if min(steps.teacher, steps.student, cfg.train.batch_size, cfg.train.val_every) < 1:
         raise ValueError("train steps, batch_size and val_every must be >= 1")
+    if not 0 <= cfg.train.average < 1:
+        raise ValueError(f"'train.average' must be in [0, 1) (0: no weight average), got {cfg.train.average}")
     if cfg.train.patience < 0:
         raise ValueError(f"'train.patience' must be >= 0 (0: no early stop), got {cfg.train.patience}")
     g = cfg.gtan

@@ -106,6 +106,7 @@ def settings(cfg: Config, steps: int, *, patience: int = 0) -> TrainSettings:
         val_every=t.val_every,
         num_workers=t.num_workers,
         patience=patience,
+        average=t.average,
     )
 
 

@@ -20,6 +20,7 @@ from liverkd.core.errors import EXIT_USAGE, LiverkdError
 from liverkd.core.inference import THRESHOLD, segment_grid
 from liverkd.core.metrics import dice
 from liverkd.core.spec import PreprocessSpec
+from liverkd.distill.average import WeightAverage
 from liverkd.distill.checkpoint import load_checkpoint, save_checkpoint
 from liverkd.distill.data import PatchDataset, Prepared
 from liverkd.distill.loop import Callback, LoopState, StepSampler, fit, setup_distributed
@@ -39,6 +40,9 @@ class TrainSettings:
     num_workers: int = 0
     patience: int = 0
     """Validations without a better Dice before the run stops early (best weights kept); 0: never."""
+    average: float = 0.0
+    """Decay of the weight average (distill/average.py) that validation measures and the
+    checkpoint keeps; 0: the weights of the last step."""
 
     def lr_at(self, step: int) -> float:
         """Polynomial decay (nnU-Net): lr * (1 - step / steps) ** 0.9."""
@@ -75,19 +79,45 @@ def validation_dice(model: nn.Module, volumes: list[Prepared], spec: PreprocessS
     return float(np.mean(scores))
 
 
+def evaluated_model(objective, average: WeightAverage | None) -> nn.Module:
+    """The eval model of the trained module, or of its weight average: the average is loaded
+    into the module for the moment it takes to copy the eval model out, then the module's own
+    weights go back."""
+    if average is None:
+        return objective.eval_model()
+    module = objective.module
+    own = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    module.load_state_dict(average.state)
+    try:
+        return copy.deepcopy(objective.eval_model())
+    finally:
+        module.load_state_dict(own)
+
+
 # ------------------------------------------------------------------------------ callbacks
+
+
+class Averaging(Callback):
+    """Update the weight average after every optimizer step."""
+
+    def __init__(self, average: WeightAverage, module: nn.Module):
+        self.average, self.module = average, module
+
+    def on_step(self, state, loss, message):
+        self.average.update(self.module)
 
 
 class Validate(Callback):
     """Validation Dice into the row; the best weights so far into the state. With `patience`,
     the run stops (state.stopped) after that many validations without a better Dice."""
 
-    def __init__(self, objective, volumes: list[Prepared], spec: PreprocessSpec, device, patience: int = 0):
+    def __init__(self, objective, volumes: list[Prepared], spec: PreprocessSpec, device, patience: int = 0,
+                 average: WeightAverage | None = None):  # fmt: skip
         self.objective, self.volumes, self.spec, self.device = objective, volumes, spec, device
-        self.patience = patience
+        self.patience, self.average = patience, average
 
     def on_validation(self, state, row):
-        model = self.objective.eval_model()
+        model = evaluated_model(self.objective, self.average)
         row["val_dice"] = validation_dice(model, self.volumes, self.spec, self.device)
         if state.best is None or row["val_dice"] > state.best:
             state.best = row["val_dice"]
@@ -112,8 +142,10 @@ class Checkpoint(Callback):
         preset: str | None,
         stage: str,
         title: str,
+        average: WeightAverage | None = None,
     ):
         self.out, self.partial = out, partial_path(out)
+        self.average = average
         self.objective, self.optimizer, self.spec, self.settings = objective, optimizer, spec, settings
         self.meta = {"preset": preset, "stage": stage}
         self.title = title
@@ -128,6 +160,8 @@ class Checkpoint(Callback):
                 "settings": asdict(self.settings),
                 "title": self.title,
             }
+            if self.average is not None:
+                extra["average"] = self.average.state_dict()
             save_checkpoint(self.partial, model, self.spec, optimizer=self.optimizer, extra=extra, **common)
             return
         if state.best_state is not None:  # a copy: the trained module itself stays as it is
@@ -240,6 +274,7 @@ def train(
     objective.to(ctx.device)
     optimizer = torch.optim.AdamW(param_groups(module, settings.weight_decay), lr=settings.lr)
     state = LoopState()
+    average = WeightAverage(module, settings.average) if settings.average else None
     partial = partial_path(out)
     if partial.exists():
         if not resume:
@@ -250,6 +285,8 @@ def train(
         module.load_state_dict(payload["extra"]["trainable"])
         optimizer.load_state_dict(payload["optimizer"])
         state = LoopState(**payload["extra"]["loop"])
+        if average is not None:
+            average.load_state_dict(payload["extra"]["average"])
         objective.set_step(state.step, settings.steps)
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -260,9 +297,18 @@ def train(
     callbacks = []
     if ctx.main:  # rank 0 validates, writes and shows progress
         callbacks = [
-            Validate(objective, val, spec, ctx.device, settings.patience),
+            *([Averaging(average, module)] if average is not None else []),
+            Validate(objective, val, spec, ctx.device, settings.patience, average),
             Checkpoint(
-                out, objective, optimizer, spec, settings, preset=preset, stage=stage or objective.stage, title=title
+                out,
+                objective,
+                optimizer,
+                spec,
+                settings,
+                preset=preset,
+                stage=stage or objective.stage,
+                title=title,
+                average=average,
             ),
             Curves(out),
             ProgressBar(title, settings.steps, state.step),

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from liverkd.distill.average import WeightAverage, decay_at
 from liverkd.distill.checkpoint import load_checkpoint, model_from_checkpoint
 from liverkd.distill.data import Augment, PatchDataset, extract_patch, phantom_volumes, prepare_case, split_cases
 from liverkd.distill.losses import IGNORE
@@ -26,25 +27,27 @@ def objective(kind: str):
     return Supervised(UNet3D(TINY))
 
 
-def run(volumes, out, steps=6, stop_after=None, resume=False, kind="supervised"):
+def run(volumes, out, steps=6, stop_after=None, resume=False, kind="supervised", average=0.0):
     vols, spec = volumes
     torch.manual_seed(0)
     dataset = PatchDataset(vols[:2], (16, 16, 16), augment=Augment(), seed=3)
-    settings = TrainSettings(steps=steps, batch_size=2, lr=3e-3, val_every=2)
+    settings = TrainSettings(steps=steps, batch_size=2, lr=3e-3, val_every=2, average=average)
     return train(
         objective(kind), dataset, vols[2:], spec, settings, out, stop_after=stop_after, resume=resume, stage="student"
     )
 
 
-@pytest.mark.parametrize(("kind", "stop"), [("supervised", 4), ("gtan", 2)])
-def test_resume_continues_exactly(volumes, tmp_path, kind, stop):
-    whole = run(volumes, tmp_path / "a" / "model.pt", kind=kind)
+@pytest.mark.parametrize(
+    ("kind", "stop", "average"), [("supervised", 4, 0.0), ("gtan", 2, 0.0), ("supervised", 2, 0.9)]
+)
+def test_resume_continues_exactly(volumes, tmp_path, kind, stop, average):
+    whole = run(volumes, tmp_path / "a" / "model.pt", kind=kind, average=average)
     out = tmp_path / "b" / "model.pt"
-    first = run(volumes, out, stop_after=stop, kind=kind)  # "killed" right after a checkpoint
+    first = run(volumes, out, stop_after=stop, kind=kind, average=average)  # "killed" right after a checkpoint
     assert not first["finished"] and not out.exists() and partial_path(out).exists()
     with pytest.raises(PartialCheckpointExists, match="--resume"):
-        run(volumes, out, kind=kind)
-    resumed = run(volumes, out, resume=True, kind=kind)
+        run(volumes, out, kind=kind, average=average)
+    resumed = run(volumes, out, resume=True, kind=kind, average=average)
     assert resumed["finished"] and resumed["step"] == whole["step"] == 6
     assert len(resumed["step_loss"]) == 6
     np.testing.assert_allclose(resumed["step_loss"], whole["step_loss"], rtol=1e-5)
@@ -52,6 +55,33 @@ def test_resume_continues_exactly(volumes, tmp_path, kind, stop):
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(v, b["state_dict"][k])
     assert not partial_path(out).exists()
+
+
+def test_the_weight_average_is_what_is_kept_and_never_changes_training(volumes, tmp_path):
+    raw = run(volumes, tmp_path / "raw.pt")
+    averaged = run(volumes, tmp_path / "avg.pt", average=0.9)
+    assert averaged["step_loss"] == raw["step_loss"]  # the module trains on its own weights
+    a, b = load_checkpoint(tmp_path / "raw.pt")["state_dict"], load_checkpoint(tmp_path / "avg.pt")["state_dict"]
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+    # a decay of almost 0 keeps the last step's weights: the average tracks the module
+    tracked = load_checkpoint(run(volumes, tmp_path / "tracked.pt", average=1e-9)["out"])["state_dict"]
+    for k, v in a.items():
+        torch.testing.assert_close(tracked[k], v)
+
+
+def test_weight_average_follows_its_formula():
+    layer = torch.nn.BatchNorm1d(2)
+    average = WeightAverage(layer, decay=0.5)
+    with torch.no_grad():
+        layer.weight.fill_(3.0)
+    layer.num_batches_tracked.fill_(7)
+    average.update(layer)  # update 1: decay min(0.5, 2 / 11)
+    d = 2 / 11
+    torch.testing.assert_close(average.state["weight"], torch.full((2,), d * 1.0 + (1 - d) * 3.0))
+    assert int(average.state["num_batches_tracked"]) == 7
+    assert decay_at(0.5, 100) == 0.5
+    with pytest.raises(ValueError, match="0 < decay < 1"):
+        WeightAverage(layer, decay=1.0)
 
 
 def test_checkpoint_and_logs(volumes, tmp_path):
