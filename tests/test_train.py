@@ -38,7 +38,7 @@ def run(volumes, out, steps=6, stop_after=None, resume=False, kind="supervised",
 
 
 @pytest.mark.parametrize(
-    ("kind", "stop", "average"), [("supervised", 4, 0.0), ("gtan", 2, 0.0), ("supervised", 2, 0.9)]
+    ("kind", "stop", "average"), [("supervised", 4, 0.0), ("gtan", 2, 0.0), ("supervised", 2, 0.9), ("gtan", 2, 0.9)]
 )
 def test_resume_continues_exactly(volumes, tmp_path, kind, stop, average):
     whole = run(volumes, tmp_path / "a" / "model.pt", kind=kind, average=average)
