@@ -42,7 +42,7 @@ class TrainSettings:
     """Validations without a better Dice before the run stops early (best weights kept); 0: never."""
     average: float = 0.0
     """Decay of the weight average (distill/average.py) that validation measures and the
-    checkpoint keeps; 0: the weights of the last step."""
+    checkpoint keeps; 0: the raw weights."""
 
     def lr_at(self, step: int) -> float:
         """Polynomial decay (nnU-Net): lr * (1 - step / steps) ** 0.9."""
@@ -274,8 +274,8 @@ def train(
     objective.to(ctx.device)
     optimizer = torch.optim.AdamW(param_groups(module, settings.weight_decay), lr=settings.lr)
     state = LoopState()
-    average = WeightAverage(module, settings.average) if settings.average else None
     partial = partial_path(out)
+    payload = None
     if partial.exists():
         if not resume:
             raise PartialCheckpointExists(
@@ -285,9 +285,10 @@ def train(
         module.load_state_dict(payload["extra"]["trainable"])
         optimizer.load_state_dict(payload["optimizer"])
         state = LoopState(**payload["extra"]["loop"])
-        if average is not None:
-            average.load_state_dict(payload["extra"]["average"])
         objective.set_step(state.step, settings.steps)
+    average = WeightAverage(module, settings.average) if settings.average else None
+    if average is not None and payload is not None and "average" in payload["extra"]:
+        average.load_state_dict(payload["extra"]["average"])  # else it starts from the resumed weights
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=settings.batch_size,
