@@ -12,6 +12,11 @@ with, over far more than the ~20 patches that momentum 0.1 remembers.
 
 The decay ramps up as min(decay, (1 + t) / (10 + t)) so that the first steps, far from the
 trained weights, are forgotten quickly (timm's warm-up rule).
+
+Not torch.optim.swa_utils.AveragedModel: it averages a deep copy of the module, but the model
+validation measures is the objective's eval model (GTAN extracts it from its trained module),
+so the average has to go back into that module to be evaluated (distill/train.py,
+evaluated_model): a plain state dict is all that needs.
 """
 
 from __future__ import annotations

@@ -286,7 +286,7 @@ def train(
         optimizer.load_state_dict(payload["optimizer"])
         state = LoopState(**payload["extra"]["loop"])
         objective.set_step(state.step, settings.steps)
-    average = WeightAverage(module, settings.average) if settings.average else None
+    average = WeightAverage(module, settings.average) if settings.average and ctx.main else None  # rank 0 validates
     if average is not None and payload is not None and "average" in payload["extra"]:
         average.load_state_dict(payload["extra"]["average"])  # else it starts from the resumed weights
     loader = torch.utils.data.DataLoader(
