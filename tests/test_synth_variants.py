@@ -105,32 +105,13 @@ def test_a_mass_touching_the_liver_is_parted_from_it_by_its_border():
 def test_masses_touching_the_liver_always_have_a_border_that_shows():
     masses = [m for s in range(300) for m in draw_variants(rngs(s)["variants"]).masses]
     touching = [m for m in masses if m.adjacent]
-    at_liver_density = [m for m in touching if m.hu_offset > -35]
-    assert len(at_liver_density) > 30 and all(m.rim in ("fat", "enhancing") for m in at_liver_density)
-    darker = [m for m in touching if m.hu_offset <= -35]  # the density step is the border
-    assert len(darker) > 30 and all(-90 <= m.hu_offset for m in darker) and any(m.rim == "none" for m in darker)
+    assert len(touching) > 50 and all(m.rim in ("fat", "enhancing") for m in touching)
     assert any(m.rim == "none" for m in masses if not m.adjacent)  # elsewhere the shape tells them apart
     liver_hu = 60.0
     for m in (m for m in masses if m.rim == "enhancing"):
         m_hu = liver_hu + m.hu_offset
         rim = liver_hu + max(m.hu_offset, 0.0) + m.rim_hu
         assert rim >= max(liver_hu, m_hu) + 15  # brighter than the liver and the mass alike
-
-
-def test_half_the_masses_are_as_dark_as_the_lesions_inside_the_liver_but_never_fat():
-    """Version 5: ircad07's false positives are ~80 HU darker than its liver, not at its density."""
-    masses = [m for s in range(300) for m in draw_variants(rngs(s)["variants"]).masses]
-    darker = np.mean([m.hu_offset <= -35 for m in masses])
-    assert 0.4 < darker < 0.6
-    tissue, body = _abdomen()
-    hu = np.where(tissue == LIVER, 20.0, -100.0).astype(np.float32)  # a fatty liver
-    before = hu.copy()
-    mass = Mass(radius_mm=12.0, axes=(1.0, 1.0, 1.0), adjacent=True, hu_offset=-80.0, texture_hu=0.0,
-                rim="none", rim_hu=0.0)  # fmt: skip
-    paint_masses(hu, tissue, body, Variants(masses=[mass]), 20.0, grid_axes(hu.shape, SPACING), SPACING,
-                 np.random.default_rng(0))  # fmt: skip
-    core = np.abs(hu - before) > 80
-    assert core.sum() > 10 and np.median(hu[core]) > -10  # water, not the fat it replaced
 
 
 def test_food_fills_the_stomach_near_the_liver_hu():

@@ -30,14 +30,13 @@ FOV_MM = 384.0
 STREAMS = ("source", "anatomy", "appearance", "placement", "body", "scanner", "fields", "extent", "variants")
 """Appended, never reordered: SeedSequence.spawn gives child i the same stream whatever follows it."""
 
-SYNTH_VERSION = 5
+SYNTH_VERSION = 4
 """Bumped whenever the same seed would give different bytes, so that caches keyed on the
 settings (distill's phantoms-<hash>) are not reused across synthesis changes.
 1: domain-randomised synthesis; 2: + the optional variants (long left lobe, masses, stomach food;
 with variants=False the bytes are version 1's: the version still keys the caches, to be safe);
 3: the long left lobe no longer grows into the stomach or bowel (variants only); 4: a mass touching
-the liver always has a border, painted on the contact face too (variants only); 5: half the masses
-35-90 HU darker than the liver, the contrast of its hypodense lesions (variants only)."""
+the liver always has a border, painted on the contact face too (variants only)."""
 
 
 def _grid(shape, spacing, fov_mm=None) -> tuple[tuple[int, int, int], tuple[float, float, float]]:

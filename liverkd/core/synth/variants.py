@@ -1,6 +1,6 @@
 """Anatomical variants and liver look-alikes, painted on the output grid after the label map is
-sampled: a long left lateral lobe, soft-tissue masses outside the liver with the liver's density
-or darker, and a stomach full of food.
+sampled: a long left lateral lobe, soft-tissue masses outside the liver with the liver's density,
+and a stomach full of food.
 
 Why these: the first models trained on our synthesis failed on real CT in exactly these three
 ways (docs/method.md, "What the first model got wrong"). Each is a common finding, not a rarity:
@@ -24,19 +24,6 @@ from liverkd.core.synth.tissues import ID, LIVER, N_IDS
 LOBE_PROBABILITY = 0.3
 FOOD_PROBABILITY = 0.3
 MASS_COUNTS = (0, 0, 0, 1, 1, 2, 3)
-MASS_FLOOR_HU = 0.0
-"""A mass is soft tissue or fluid, never fat: beside a fatty liver a dark one stops at water."""
-HYPODENSE_PROBABILITY = 0.5
-HYPODENSE_HU = (35, 90)
-"""Half the masses are 35-90 HU darker than the liver (synthesis version 5), the contrast the
-hypodense liver lesions are drawn with (randomize._draw_lesion: 15-90 HU below the liver).
-Why: what ircad07's models take as liver, the mass below the right lobe and the stomach, is
-not at the liver's density, as versions 2-4 assumed: it is about 80 HU darker (median 37 and
-34 HU against the liver's 120, measured on the student-30k's false positives, docs/results.md).
-Inside the liver a dark region of that contrast is a lesion and IS liver; with no dark region
-outside the liver in the data, "dark and touching the liver" can only mean lesion. These masses
-make the liver's outline, not the contrast, tell the two apart. The density step is itself a
-visible boundary, so a dark mass touching the liver needs no painted border (APART_BORDERS)."""
 APART_BORDERS = {"none": 0.4, "fat": 0.4, "enhancing": 0.2}
 ADJACENT_BORDERS = {"fat": 2 / 3, "enhancing": 1 / 3}
 """A mass touching the liver is always told from it by a border, a fat plane or an enhancing
@@ -102,10 +89,9 @@ def _describe(m: Mass) -> str:
 
 def draw_variants(rng: np.random.Generator) -> Variants:
     """Left lobe in 30 % of cases (10-25 % of the liver stretched 30-100 mm beyond the tip);
-    0-3 masses of 3-10 cm, 60 % touching the liver, half within 35 HU of it and half 35-90 HU
-    darker; food in 30 % of stomachs, within 30 HU of the liver. A mass at the liver's density
-    that touches it always has a border (ADJACENT_BORDERS); a darker one, or one elsewhere, may
-    have none."""
+    0-3 masses of 3-10 cm, 60 % touching the liver, within 35 HU of it; food in 30 % of
+    stomachs, within 30 HU of the liver. A mass that touches the liver always has a border
+    (ADJACENT_BORDERS); one elsewhere may have none."""
     u = rng.uniform
     lobe = None
     if u() < LOBE_PROBABILITY:
@@ -113,15 +99,13 @@ def draw_variants(rng: np.random.Generator) -> Variants:
     masses = []
     for _ in range(int(rng.choice(MASS_COUNTS))):
         adjacent = bool(u() < 0.6)
-        hypodense = bool(u() < HYPODENSE_PROBABILITY)
-        hu_offset = -u(*HYPODENSE_HU) if hypodense else u(-35, 35)
-        borders = ADJACENT_BORDERS if adjacent and not hypodense else APART_BORDERS
+        borders = ADJACENT_BORDERS if adjacent else APART_BORDERS
         rim = str(rng.choice(list(borders), p=list(borders.values())))
         masses.append(Mass(
             radius_mm=float(np.exp(u(np.log(15), np.log(50)))),
             axes=tuple(float(a) for a in u(0.7, 1.3, 3)),
             adjacent=adjacent,
-            hu_offset=hu_offset,
+            hu_offset=u(-35, 35),
             texture_hu=u(0, 20),
             rim=rim,
             rim_hu={"none": 0.0, "fat": u(-120, -60), "enhancing": u(15, 50)}[rim],
@@ -182,7 +166,7 @@ def fill_stomach(hu: np.ndarray, tissue: np.ndarray, liver_hu: float, variants: 
 
 
 def paint_masses(hu, tissue, body, variants: Variants, liver_hu: float, axes, spacing, rng) -> None:
-    """Ellipsoid masses outside the liver, at its HU or darker (in place; the label is not touched).
+    """Ellipsoid masses at about the liver's HU outside it (in place; the label is not touched).
     A border is painted on the mass's surface and, where it touches the liver, on the contact
     face: the mass is clipped by the liver, so its ellipsoid surface there lies inside the
     liver and would leave the contact unmarked."""
@@ -213,7 +197,7 @@ def paint_masses(hu, tissue, body, variants: Variants, liver_hu: float, axes, sp
         texture = mass.texture_hu * smooth_field(rng, d.shape, spacing, 8.0)
         weight = soft_step(1 - d, 0.15) * keep
         region = hu[box]
-        region += (np.float32(max(liver_hu + mass.hu_offset, MASS_FLOOR_HU)) + texture - region) * weight
+        region += (np.float32(liver_hu + mass.hu_offset) + texture - region) * weight
         if mass.rim != "none":
             shell = np.exp(-(((d - 1) * r / 2.5) ** 2))
             contact = np.exp(-((np.maximum(outside[box] - step, 0) / 2.5) ** 2)) * (weight > 0.05)
