@@ -25,6 +25,12 @@ import torch
 from torch import nn
 
 
+def state_copy(module: nn.Module, device=None) -> dict:
+    """A detached copy of `module`'s state dict (parameters and buffers), on `device` (default:
+    where each tensor is)."""
+    return {k: v.detach().to(device or v.device, copy=True) for k, v in module.state_dict().items()}
+
+
 def decay_at(decay: float, updates: int) -> float:
     """The weight of the old average at update number `updates` (1, 2, ...)."""
     return min(decay, (1 + updates) / (10 + updates))
@@ -37,7 +43,7 @@ class WeightAverage:
         if not 0 < decay < 1:
             raise ValueError(f"a weight average needs 0 < decay < 1, got {decay}")
         self.decay, self.updates = decay, 0
-        self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        self.state = state_copy(module)
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:

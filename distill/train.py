@@ -20,7 +20,7 @@ from liverkd.core.errors import EXIT_USAGE, LiverkdError
 from liverkd.core.inference import THRESHOLD, segment_grid
 from liverkd.core.metrics import dice
 from liverkd.core.spec import PreprocessSpec
-from liverkd.distill.average import WeightAverage
+from liverkd.distill.average import WeightAverage, state_copy
 from liverkd.distill.checkpoint import load_checkpoint, save_checkpoint
 from liverkd.distill.data import PatchDataset, Prepared
 from liverkd.distill.loop import Callback, LoopState, StepSampler, fit, setup_distributed
@@ -86,7 +86,7 @@ def evaluated_model(objective, average: WeightAverage | None) -> nn.Module:
     if average is None:
         return objective.eval_model()
     module = objective.module
-    own = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    own = state_copy(module)
     module.load_state_dict(average.state)
     try:
         return copy.deepcopy(objective.eval_model())
@@ -122,7 +122,7 @@ class Validate(Callback):
         if state.best is None or row["val_dice"] > state.best:
             state.best = row["val_dice"]
             state.best_step = state.step
-            state.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            state.best_state = state_copy(model, "cpu")
         since = sum(1 for r in state.validations if r["step"] > state.best_step)
         state.stopped = bool(self.patience) and since >= self.patience
 
