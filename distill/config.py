@@ -93,12 +93,17 @@ class Train:
     weight_decay: float = 1e-5
     val_every: int = 50
     num_workers: int = 0
+    """DataLoader worker processes; also the processes that synthesise and preprocess the cases (0 or 1: one)."""
     patience: int = 0
     """Validations without a better Dice after which the teacher (and TAKD's assistant) stop early,
     their best weights kept; 0: they train all their steps. Students always train all theirs."""
     average: float = 0.0
     """Decay of an exponential moving average of the weights (distill/average.py): validation
     measures it and the checkpoint keeps it, at every stage; 0: the raw weights."""
+    lr_schedule_steps: int = 0
+    """Length of the learning-rate decay when longer than a stage's steps: the stage trains its
+    steps of this longer schedule (the shipped 100k: 1250 steps of a 3000-step run that its time
+    budget stopped, MODEL_CARD.md); 0: each stage's own steps."""
 
 
 @dataclass(frozen=True)
@@ -227,6 +232,9 @@ def check(cfg: Config) -> None:
         raise ValueError("train steps, batch_size and val_every must be >= 1")
     if not 0 <= cfg.train.average < 1:
         raise ValueError(f"'train.average' must be in [0, 1) (0: no weight average), got {cfg.train.average}")
+    if cfg.train.lr_schedule_steps < 0:
+        got = cfg.train.lr_schedule_steps
+        raise ValueError(f"'train.lr_schedule_steps' must be >= 0 (0: each stage's steps), got {got}")
     if cfg.train.patience < 0:
         raise ValueError(f"'train.patience' must be >= 0 (0: no early stop), got {cfg.train.patience}")
     g = cfg.gtan

@@ -8,6 +8,7 @@ be stopped and started again; `resume` continues a stage that was interrupted mi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -46,16 +47,27 @@ def load_data(cfg: Config, ctx: Dist) -> Data:
     from liverkd.core.datasets import discover
 
     out = Path(cfg.run_dir)
+    workers = max(1, cfg.train.num_workers)  # the loader's processes also make the data it reads
     if cfg.data.phantoms is not None:  # beside the preprocessed cache when one is shared between runs
-        path = synthesize(cfg.data.phantoms, Path(cfg.data.cache) if cfg.data.cache else out, ctx)
+        path = synthesize(cfg.data.phantoms, Path(cfg.data.cache) if cfg.data.cache else out, ctx, workers)
     else:
         path = Path(cfg.data.path)
     cases = [c for c in discover(path) if c.label is not None]
     train_cases, val_cases, test_cases = split_cases(cases, cfg.data.val, cfg.data.test, cfg.seed)
     cache = Path(cfg.data.cache) if cfg.data.cache else out / "cache"
     if ctx.main:  # rank 0 fills the cache, the others then read it
-        for case in track(train_cases + val_cases, description="preprocess", disable=not ctx.main):
-            prepare_case(case, cfg.spec, cache)
+        fill = functools.partial(_fill_cache, spec=cfg.spec, cache=cache)
+        todo = train_cases + val_cases
+        if workers == 1:
+            for case in track(todo, description="preprocess"):
+                fill(case)
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                for _ in track(pool.map(fill, todo), total=len(todo), description="preprocess"):
+                    pass
     ctx.barrier()
     return Data(
         [prepare_case(c, cfg.spec, cache) for c in train_cases],
@@ -64,7 +76,11 @@ def load_data(cfg: Config, ctx: Dist) -> Data:
     )
 
 
-def synthesize(p: Phantoms, out: Path, ctx: Dist) -> Path:
+def _fill_cache(case, spec, cache) -> None:
+    prepare_case(case, spec, cache)
+
+
+def synthesize(p: Phantoms, out: Path, ctx: Dist, workers: int = 1) -> Path:
     """RUN_DIR/phantoms-<hash of the settings>: written once (rank 0), reused while the settings hold."""
     from liverkd.core.synth.dataset import SYNTH_VERSION
 
@@ -91,6 +107,7 @@ def synthesize(p: Phantoms, out: Path, ctx: Dist) -> Path:
                 scan_extent=p.scan_extent,
                 variants=p.variants,
                 progress=lambda done, _n: bar.update(task, completed=done),
+                workers=workers,
             )
     ctx.barrier()
     return path
@@ -107,6 +124,7 @@ def settings(cfg: Config, steps: int, *, patience: int = 0) -> TrainSettings:
         num_workers=t.num_workers,
         patience=patience,
         average=t.average,
+        lr_schedule_steps=t.lr_schedule_steps,
     )
 
 

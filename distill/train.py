@@ -44,9 +44,12 @@ class TrainSettings:
     """Decay of the weight average (distill/average.py) that validation measures and the
     checkpoint keeps; 0: the raw weights."""
 
+    lr_schedule_steps: int = 0
+    """The decay's length when longer than `steps` (the run stops part-way along it); 0: `steps`."""
+
     def lr_at(self, step: int) -> float:
-        """Polynomial decay (nnU-Net): lr * (1 - step / steps) ** 0.9."""
-        return self.lr * (1 - step / self.steps) ** 0.9
+        """Polynomial decay (nnU-Net): lr * (1 - step / length) ** 0.9, length = max(steps, lr_schedule_steps)."""
+        return self.lr * (1 - step / max(self.steps, self.lr_schedule_steps)) ** 0.9
 
 
 class PartialCheckpointExists(LiverkdError, RuntimeError):
@@ -269,6 +272,8 @@ def train(
     # Soft-target gradients can decay into denormal floats, which x86 CPUs compute many times
     # slower; flushing them to zero changes no result we measured (same losses, same Dice).
     torch.set_flush_denormal(True)
+    if ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed patch and window shapes: pick the fastest conv kernels once
     title = title or out.stem
     module = objective.module.to(ctx.device)
     objective.to(ctx.device)

@@ -113,6 +113,7 @@ def test_ablation_writes_a_table(tmp_path, liverkd_cmd):
         ({"train": {"seed": 1}}, "unknown key 'train.seed'"),
         ({"train": {"steps": {"teacher": 2, "assistant": 2}}}, "'train.steps.assistant' is gone: TAKD's assistant"),
         ({"train": {"patience": -1}}, "'train.patience' must be >= 0"),
+        ({"train": {"lr_schedule_steps": -1}}, "'train.lr_schedule_steps' must be >= 0"),
         ({"gtan": {"assistant_every": 0}}, "assistant_every >= 1"),
         ({"kd": {"balance": True}}, "'kd.balance' names a choice now: true is now 'teacher'"),
         ({"kd": {"balance": "label"}}, "'kd.balance' must be labels, teacher or none"),
@@ -195,3 +196,26 @@ def test_the_table_warns_when_the_teacher_is_not_better_on_the_real_cts():
     teacher["real_dice"] = 0.75
     table["teacher_check"] = teacher_check(teacher, rows)
     assert "WARNING" not in markdown_table(table)
+
+
+def test_worker_processes_make_the_same_cases_and_cache(tmp_path):
+    """train.num_workers > 1 also synthesises and preprocesses in that many processes: the same
+    phantoms, the same split and the same preprocessed arrays as one process."""
+    import numpy as np
+
+    from liverkd.distill.loop import setup_distributed
+    from liverkd.distill.pipeline import load_data
+
+    loaded = []
+    for workers in (0, 2):
+        folder = tmp_path / f"w{workers}"
+        folder.mkdir()
+        cfg = load_config(write_config(folder, data={**TINY["data"], "cache": str(folder / "cache")},
+                                       train={**TINY["train"], "num_workers": workers}))  # fmt: skip
+        loaded.append(load_data(cfg, setup_distributed()))
+    one, pool = loaded
+    assert [c.case_id for c in one.test] == [c.case_id for c in pool.test]
+    assert [v.case_id for v in one.train + one.val] == [v.case_id for v in pool.train + pool.val]
+    for a, b in zip(one.train + one.val, pool.train + pool.val):
+        np.testing.assert_array_equal(a.image, b.image)
+        np.testing.assert_array_equal(a.label, b.label)

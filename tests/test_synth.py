@@ -147,6 +147,8 @@ def test_write_dataset_rejects_bad_arguments(tmp_path):
         S.write_dataset(tmp_path, 0)
     with pytest.raises(ValueError, match="procedural_fraction"):
         S.write_dataset(tmp_path, 1, labelmaps=tmp_path, procedural_fraction=1.5)
+    with pytest.raises(ValueError, match="workers"):
+        S.write_dataset(tmp_path, 1, workers=0)
     with pytest.raises(VolumeError, match="no subject folders"):
         S.write_dataset(tmp_path, 1, labelmaps=tmp_path)
     assert not (tmp_path / "dataset.json").exists()
@@ -207,6 +209,10 @@ def test_write_dataset_mixes_subjects_and_procedural(tmp_path, subjects):
     S.write_dataset(tmp_path / "one", 5, seed=2, labelmaps=subjects, procedural_fraction=0.4, **TINY)
     S.write_dataset(tmp_path / "two", 5, seed=2, labelmaps=subjects, procedural_fraction=0.4, **TINY)
     assert _files(tmp_path / "one") == _files(tmp_path / "two")
+    done = []  # in worker processes (each loads the subjects itself): the same bytes, progress in order
+    S.write_dataset(tmp_path / "pool", 5, seed=2, labelmaps=subjects, procedural_fraction=0.4, **TINY, workers=2,
+                    progress=lambda i, n: done.append(i))  # fmt: skip
+    assert _files(tmp_path / "pool") == _files(tmp_path / "one") and done == [1, 2, 3, 4, 5]
     meta = json.loads((tmp_path / "one" / "dataset.json").read_text())
     sources = [r["phantom"]["anatomy"] for r in meta["training"]]
     assert set(sources) <= {"a", "b", "procedural"} and len(set(sources)) >= 2, sources
@@ -324,7 +330,8 @@ def test_preview_png(tmp_path, subjects):
 def test_cli_synth(tmp_path, liverkd_cmd, subjects):
     out = tmp_path / "out"
     cmd = [*liverkd_cmd, "data", "synth", "--out", str(out), "--n", "2", "--seed", "4", "--shape", "24", "24", "24",
-           "--spacing", "10", "--labelmaps", str(subjects), "--procedural-fraction", "0.5", "--preview"]  # fmt: skip
+           "--spacing", "10", "--labelmaps", str(subjects), "--procedural-fraction", "0.5", "--preview",
+           "--workers", "2"]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert str(out / "preview.png") in result.stdout and (out / "preview.png").is_file()

@@ -195,3 +195,11 @@ def test_cases_are_cached_once(tmp_path):
     train_cases, val, test = split_cases(cases, 1, 1, seed=0)
     assert len(train_cases) == 2 and {c.case_id for c in train_cases + val + test} == {c.case_id for c in cases}
     assert split_cases(cases, 1, 1, seed=0)[2] == test
+
+
+def test_the_learning_rate_decays_over_the_longer_schedule_when_one_is_set():
+    plain = TrainSettings(steps=10, lr=1.0)
+    assert plain.lr_at(0) == 1.0 and plain.lr_at(5) == pytest.approx(0.5**0.9)
+    longer = TrainSettings(steps=10, lr=1.0, lr_schedule_steps=40)  # 10 steps of a 40-step decay
+    assert longer.lr_at(5) == pytest.approx((35 / 40) ** 0.9) and longer.lr_at(9) > 0.7
+    assert TrainSettings(steps=10, lr=1.0, lr_schedule_steps=4).lr_at(5) == plain.lr_at(5)  # never shorter

@@ -44,6 +44,7 @@ def synth(
     preview: bool = typer.Option(
         False, "--preview", help="Also write OUT/preview.png (axial + coronal, liver outlined)."
     ),
+    workers: int = typer.Option(1, "--workers", min=1, help="Processes; the bytes do not depend on it."),
     quiet: bool = QUIET,
 ):
     """Write seeded synthetic abdominal CTs with liver masks (MSD layout), domain-randomised."""
@@ -63,7 +64,7 @@ def synth(
         with volume_progress(Console(stderr=True), disable=quiet) as bar:
             task = bar.add_task(f"synthetic CT {shape[0]}x{shape[1]}x{shape[2]}", total=n)
             pairs = write_dataset(out, n, seed=seed, shape=shape, spacing=spacing, labelmaps=labelmaps,
-                                  procedural_fraction=procedural, variants=variants,
+                                  procedural_fraction=procedural, variants=variants, workers=workers,
                                   progress=lambda done, total: bar.update(task, completed=done))  # fmt: skip
     except (ValueError, VolumeError, OSError) as e:
         _fail(str(e))

@@ -193,7 +193,8 @@ def pick_source(seed: int, subjects: Subjects | None, procedural_fraction: float
 
 def write_dataset(out_dir, n: int, seed: int = 0, shape=(64, 64, 64), spacing=None, *, labelmaps=None,
                   procedural_fraction: float = 0.0, fov_mm=None, scan_extent: bool = False, variants: bool = False,
-                  progress: Callable[[int, int], None] | None = None) -> list[tuple[Path, Path]]:  # fmt: skip
+                  progress: Callable[[int, int], None] | None = None,
+                  workers: int = 1) -> list[tuple[Path, Path]]:  # fmt: skip
     """n synthetic cases in the MSD layout (imagesTr/, labelsTr/, dataset.json). Same seed, same bytes.
 
     labelmaps: a folder of TotalSegmentator-style subjects (or one subject); each case draws its
@@ -202,32 +203,77 @@ def write_dataset(out_dir, n: int, seed: int = 0, shape=(64, 64, 64), spacing=No
     synthesis variants (see synth); scan_extent crops each
     case to a random scanned region (see synth). progress(done, total)
     is called after each case. Every file is written atomically; dataset.json last, so it only
-    lists complete cases.
+    lists complete cases. workers > 1: that many processes, each case still a pure function of
+    (seed, index), so the bytes are those of one process.
     """
     if n < 1:
         raise ValueError(f"need at least one case, got n={n}")
     if not 0.0 <= procedural_fraction <= 1.0:
         raise ValueError(f"procedural_fraction must be in [0, 1], got {procedural_fraction}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     shape, spacing = _grid(shape, spacing, fov_mm)
     subjects = Subjects(labelmaps) if labelmaps is not None else None
     out_dir = Path(out_dir)
     for sub in ("imagesTr", "labelsTr"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
-    pairs, records = [], []
-    for i in range(n):
-        name = f"phantom_{i:03d}.nii.gz"
-        case = case_seed(seed, i)
-        source = pick_source(case, subjects, procedural_fraction)
-        image, label, info = synth(case, shape, spacing, source, scan_extent=scan_extent, variants=variants)
-        image_path = V.save(image.to_nifti(), out_dir / "imagesTr" / name)
-        label_path = V.save(label.to_nifti(), out_dir / "labelsTr" / name)
-        pairs.append((image_path, label_path))
-        records.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}", "phantom": info})
-        if progress:
-            progress(i + 1, n)
+    job = _CaseWriter(out_dir, seed, shape, spacing, labelmaps, procedural_fraction, scan_extent, variants)
+    results = []
+    if workers == 1 or n == 1:
+        job.subjects = subjects
+        for i in range(n):
+            results.append(job(i))
+            if progress:
+                progress(i + 1, n)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: the caller may hold threads (torch, a progress bar's refresh thread)
+        with ProcessPoolExecutor(min(workers, n), mp_context=multiprocessing.get_context("spawn")) as pool:
+            for done, result in enumerate(pool.map(job, range(n)), 1):
+                results.append(result)
+                if progress:
+                    progress(done, n)
+    pairs = [(image_path, label_path) for image_path, label_path, _ in results]
+    records = [record for _, _, record in results]
     write_json(out_dir / "dataset.json", _dataset_json(records, seed, shape, spacing, subjects, procedural_fraction))
     _remove_stale(out_dir, n)
     return pairs
+
+
+_WORKER_SUBJECTS: dict[str, Subjects] = {}
+"""In a write_dataset worker process: the subjects of each label-map folder, loaded once per process
+(the job is unpickled afresh for every case)."""
+
+
+class _CaseWriter:
+    """Synthesise and write case i of a data set (write_dataset's loop body, picklable for its
+    worker processes; each process loads the label-map subjects it uses once)."""
+
+    def __init__(self, out_dir: Path, seed, shape, spacing, labelmaps, procedural_fraction, scan_extent, variants):
+        self.out_dir, self.seed, self.shape, self.spacing = out_dir, seed, shape, spacing
+        self.labelmaps, self.procedural_fraction = labelmaps, procedural_fraction
+        self.scan_extent, self.variants = scan_extent, variants
+        self.subjects = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "subjects": None}  # a worker process keeps its own (_WORKER_SUBJECTS)
+
+    def __call__(self, i: int) -> tuple[Path, Path, dict]:
+        if self.subjects is None and self.labelmaps is not None:
+            key = str(self.labelmaps)
+            if key not in _WORKER_SUBJECTS:
+                _WORKER_SUBJECTS[key] = Subjects(self.labelmaps)
+            self.subjects = _WORKER_SUBJECTS[key]
+        name = f"phantom_{i:03d}.nii.gz"
+        case = case_seed(self.seed, i)
+        source = pick_source(case, self.subjects, self.procedural_fraction)
+        image, label, info = synth(case, self.shape, self.spacing, source, scan_extent=self.scan_extent,
+                                   variants=self.variants)  # fmt: skip
+        image_path = V.save(image.to_nifti(), self.out_dir / "imagesTr" / name)
+        label_path = V.save(label.to_nifti(), self.out_dir / "labelsTr" / name)
+        return image_path, label_path, {"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}", "phantom": info}
 
 
 def _dataset_json(records: list, seed: int, shape, spacing, subjects: Subjects | None, fraction: float) -> dict:
