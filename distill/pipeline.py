@@ -77,6 +77,8 @@ def load_data(cfg: Config, ctx: Dist) -> Data:
 
 
 def _fill_cache(case, spec, cache) -> None:
+    """prepare_case in a worker process, returning nothing: the arrays stay in the cache rather
+    than being pickled back to the parent, which reads them from there."""
     prepare_case(case, spec, cache)
 
 
