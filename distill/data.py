@@ -56,13 +56,17 @@ def cache_key(case, spec: PreprocessSpec) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
+def cache_path(case, spec: PreprocessSpec, cache_dir) -> Path:
+    """Where prepare_case keeps the case's preprocessed arrays."""
+    return Path(cache_dir) / f"{case.case_id}-{cache_key(case, spec)}.npz"
+
+
 def prepare_case(case, spec: PreprocessSpec, cache_dir) -> Prepared:
     """prepare_pair on the case once; later calls read the cached .npz."""
     if case.label is None:
         raise ValueError(f"{case.image}: case {case.case_id!r} has no label; training needs labelled cases")
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"{case.case_id}-{cache_key(case, spec)}.npz"
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    path = cache_path(case, spec, cache_dir)
     if path.exists():
         with np.load(path) as z:
             return Prepared(case.case_id, z["image"], z["label"])

@@ -23,7 +23,7 @@ from liverkd.core.inference import segment_volume
 from liverkd.core.metrics import evaluate_masks, to_jsonable
 from liverkd.distill.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from liverkd.distill.config import Config, ConfigError, Phantoms
-from liverkd.distill.data import PatchDataset, Prepared, prepare_case, split_cases
+from liverkd.distill.data import PatchDataset, Prepared, cache_path, prepare_case, split_cases
 from liverkd.distill.loop import Dist, setup_distributed
 from liverkd.distill.models import PRESETS, count_params, create_model
 from liverkd.distill.objectives import GTANObjective, KnowledgeDistillation, Supervised
@@ -57,15 +57,14 @@ def load_data(cfg: Config, ctx: Dist) -> Data:
     cache = Path(cfg.data.cache) if cfg.data.cache else out / "cache"
     if ctx.main:  # rank 0 fills the cache, the others then read it
         fill = functools.partial(_fill_cache, spec=cfg.spec, cache=cache)
-        todo = train_cases + val_cases
-        if workers == 1:
+        todo = [c for c in train_cases + val_cases if not cache_path(c, cfg.spec, cache).exists()]
+        if workers == 1 or len(todo) < 2:
             for case in track(todo, description="preprocess"):
                 fill(case)
         else:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
+            from liverkd.core.processes import spawn_pool
 
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            with spawn_pool(min(workers, len(todo))) as pool:
                 for _ in track(pool.map(fill, todo), total=len(todo), description="preprocess"):
                     pass
     ctx.barrier()

@@ -7,6 +7,7 @@ changing one model does not reshuffle the others' draws.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -226,11 +227,9 @@ def write_dataset(out_dir, n: int, seed: int = 0, shape=(64, 64, 64), spacing=No
             if progress:
                 progress(i + 1, n)
     else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+        from liverkd.core.processes import spawn_pool
 
-        # spawn, not fork: the caller may hold threads (torch, a progress bar's refresh thread)
-        with ProcessPoolExecutor(min(workers, n), mp_context=multiprocessing.get_context("spawn")) as pool:
+        with spawn_pool(min(workers, n)) as pool:
             for done, result in enumerate(pool.map(job, range(n)), 1):
                 results.append(result)
                 if progress:
@@ -242,9 +241,11 @@ def write_dataset(out_dir, n: int, seed: int = 0, shape=(64, 64, 64), spacing=No
     return pairs
 
 
-_WORKER_SUBJECTS: dict[str, Subjects] = {}
-"""In a write_dataset worker process: the subjects of each label-map folder, loaded once per process
-(the job is unpickled afresh for every case)."""
+@functools.cache
+def _worker_subjects(folder: str) -> Subjects:
+    """In a write_dataset worker process: one Subjects per label-map folder, so each subject is
+    loaded once per process (the job is unpickled afresh for every case)."""
+    return Subjects(folder)
 
 
 class _CaseWriter:
@@ -258,14 +259,11 @@ class _CaseWriter:
         self.subjects = None
 
     def __getstate__(self):
-        return {**self.__dict__, "subjects": None}  # a worker process keeps its own (_WORKER_SUBJECTS)
+        return {**self.__dict__, "subjects": None}  # a worker process keeps its own (_worker_subjects)
 
     def __call__(self, i: int) -> tuple[Path, Path, dict]:
         if self.subjects is None and self.labelmaps is not None:
-            key = str(self.labelmaps)
-            if key not in _WORKER_SUBJECTS:
-                _WORKER_SUBJECTS[key] = Subjects(self.labelmaps)
-            self.subjects = _WORKER_SUBJECTS[key]
+            self.subjects = _worker_subjects(str(self.labelmaps))
         name = f"phantom_{i:03d}.nii.gz"
         case = case_seed(self.seed, i)
         source = pick_source(case, self.subjects, self.procedural_fraction)
